@@ -1,0 +1,1 @@
+"""Library code shared by the pipeline's stage scripts and the ``cxr-predict`` command."""

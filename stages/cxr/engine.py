@@ -1,0 +1,135 @@
+"""One pass over the data: ``train_one_epoch`` and ``evaluate``, shared by every approach.
+
+Batches are sliced from uint8 arrays already in memory and converted to float on the fly,
+so the time of a step goes into the model's arithmetic, not into decoding or copying.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+from tqdm import tqdm
+
+from cxr.runtime import autocast
+
+BatchTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EpochResult:
+    """Loss and predictions of one pass; accuracy and macro-F1 derive from them."""
+
+    loss: float
+    labels: np.ndarray
+    probabilities: np.ndarray
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.predictions == self.labels).mean())
+
+    @property
+    def macro_f1(self) -> float:
+        return float(f1_score(self.labels, self.predictions, average="macro", zero_division=0))
+
+
+def iterate_batches(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(uint8 images, labels)`` batches, shuffled when a generator is given.
+
+    ``images`` may hold raw pixels (N x H x W) or cached embeddings (N x D).
+    """
+    order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        yield images[index], labels[index]
+
+
+def to_input(batch: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """uint8 (B, H, W) → float (B, 1, H, W) in [0, 1] on ``device``; other tensors are just moved."""
+    batch = batch.to(device, non_blocking=True)
+    if batch.dtype == torch.uint8:
+        batch = batch.unsqueeze(1).float().div_(255).contiguous(memory_format=memory_format)
+    return batch
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, mininterval=1.0, dynamic_ncols=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    total: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: str = "none",
+    memory_format: torch.memory_format = torch.contiguous_format,
+    transform: BatchTransform | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> EpochResult:
+    """Train for one pass over ``batches``; the scheduler steps once per batch."""
+    model.train()
+    losses, labels, probabilities = [], [], []
+    bar = _progress(total, desc, progress)
+    for images, targets in batches:
+        x, y = to_input(images, device, memory_format), targets.to(device, non_blocking=True)
+        if transform is not None:
+            x = transform(x)
+        with autocast(device, amp):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.detach() * len(y))
+        labels.append(targets)
+        probabilities.append(logits.detach().float().softmax(1).cpu())
+        bar.update(len(y))
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    n = sum(len(t) for t in labels)
+    return EpochResult(float(torch.stack(losses).sum()) / n, torch.cat(labels).numpy(), torch.cat(probabilities).numpy())
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    total: int,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: str = "none",
+    memory_format: torch.memory_format = torch.contiguous_format,
+    desc: str = "eval",
+    progress: bool = True,
+) -> EpochResult:
+    """Loss and class probabilities over ``batches`` with the model in eval mode."""
+    model.eval()
+    losses, labels, probabilities = [], [], []
+    bar = _progress(total, desc, progress)
+    for images, targets in batches:
+        x, y = to_input(images, device, memory_format), targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+        losses.append(loss_fn(logits.float(), y) * len(y))
+        labels.append(targets)
+        probabilities.append(logits.float().softmax(1).cpu())
+        bar.update(len(y))
+    bar.close()
+    n = sum(len(t) for t in labels)
+    return EpochResult(float(torch.stack(losses).sum()) / n, torch.cat(labels).numpy(), torch.cat(probabilities).numpy())

@@ -1,0 +1,86 @@
+"""Test-set predictions and the scores the comparison table is built from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from torch import nn
+
+from cxr.engine import evaluate, iterate_batches
+from cxr.errors import PipelineError
+from cxr.models import load_checkpoint, model_from_checkpoint
+from cxr.preprocess import load_split
+
+PROB_PREFIX = "prob_"
+
+
+def predict_split(
+    model_path: Path, processed_dir: Path, split: str, classes: Sequence[str], batch_size: int, device: torch.device
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Run a saved model over a preprocessed split; returns the predictions table and the checkpoint."""
+    checkpoint = load_checkpoint(model_path)
+    if list(checkpoint["classes"]) != list(classes):
+        raise PipelineError(f"{model_path} was trained for classes {checkpoint['classes']}, params list {list(classes)}")
+    images, labels, rows = load_split(processed_dir, split, classes)
+    if images.shape[-1] != checkpoint["image_size"]:
+        raise PipelineError(
+            f"{model_path} expects {checkpoint['image_size']} px images but {processed_dir} holds {images.shape[-1]} px; "
+            "rerun the training stage"
+        )
+    model = model_from_checkpoint(checkpoint).to(device)
+    result = evaluate(
+        model,
+        iterate_batches(torch.from_numpy(images), torch.from_numpy(labels), batch_size),
+        len(labels),
+        nn.CrossEntropyLoss(),
+        device,
+        desc=f"{checkpoint['approach']} {split}",
+    )
+    return predictions_frame(rows["path"], labels, result.probabilities, classes), checkpoint
+
+
+def predictions_frame(paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """One row per image: path, true and predicted class, and each class's probability."""
+    frame = pd.DataFrame({"path": list(paths), "label": np.asarray(classes)[labels]})
+    frame["predicted"] = np.asarray(classes)[probabilities.argmax(axis=1)]
+    for index, name in enumerate(classes):
+        frame[f"{PROB_PREFIX}{name}"] = probabilities[:, index].round(6)
+    return frame
+
+
+def probabilities_of(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """The class-probability columns of a predictions table as an (N, classes) array."""
+    return frame[[f"{PROB_PREFIX}{name}" for name in classes]].to_numpy(np.float64)
+
+
+def classification_metrics(true: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1, per-class scores and the confusion matrix (scikit-learn)."""
+    classes = list(classes)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, predicted, labels=classes, zero_division=0
+    )
+    return {
+        "accuracy": round(float(accuracy_score(true, predicted)), 6),
+        "precision_macro": round(float(precision.mean()), 6),
+        "recall_macro": round(float(recall.mean()), 6),
+        "f1_macro": round(float(f1.mean()), 6),
+        "per_class": {
+            name: {
+                "precision": round(float(precision[i]), 6),
+                "recall": round(float(recall[i]), 6),
+                "f1": round(float(f1[i]), 6),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": {
+            "labels": classes,
+            "rows_true_columns_predicted": confusion_matrix(true, predicted, labels=classes).tolist(),
+        },
+    }

@@ -1,0 +1,196 @@
+"""The three approaches' networks, built so every model takes the same input.
+
+Every model starts with :class:`InputNorm`, which owns the normalisation statistics and
+turns the pipeline's 1-channel [0, 1] images into what the body expects (3 ImageNet-
+normalised channels for a pretrained ResNet). The statistics therefore travel inside the
+checkpoint, and evaluation, Grad-CAM and ``cxr-predict`` cannot get them wrong.
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from cxr.errors import PipelineError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHS = ("custom_cnn", "resnet18")
+StateDictLoader = Callable[[], dict[str, torch.Tensor]]
+
+
+class InputNorm(nn.Module):
+    """Normalise 1-channel [0, 1] input and repeat it to the body's channel count."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """``norm`` → ``body`` (pooled embedding) → ``head``; ``embed`` lets a frozen body be cached."""
+
+    def __init__(self, norm: InputNorm, body: nn.Module, head: nn.Module, cam_layer: str) -> None:
+        super().__init__()
+        self.norm, self.body, self.head = norm, body, head
+        self.cam_layer = cam_layer
+        self.body_frozen = False
+
+    def freeze_body(self) -> None:
+        """Train only the head: body weights fixed and BatchNorm statistics kept (eval mode)."""
+        self.body.requires_grad_(False)
+        self.body_frozen = True
+        self.body.eval()
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.body_frozen:
+            self.body.eval()
+        return self
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.norm(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+    def target_layer(self) -> nn.Module:
+        """The last convolutional block, where Grad-CAM looks."""
+        return self.get_submodule(self.cam_layer)
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with an identity shortcut: depth without vanishing gradients."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn(channels, channels)
+        self.conv2 = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.conv2(self.conv1(x)))
+
+
+def custom_cnn_body(width: int) -> nn.Sequential:
+    """A compact residual CNN that downsamples early.
+
+    A stride-2 stem halves the resolution before any wide layer, then four stages each
+    halve it again (strided conv + one residual block), doubling channels: about a quarter
+    of ResNet-18's FLOPs at the same image size, for the mostly global patterns (opacities,
+    consolidation) that separate these classes.
+    """
+    layers: list[nn.Module] = [_conv_bn(1, width, stride=2), _conv_bn(width, width)]
+    channels = width
+    for multiplier in (1, 2, 4, 8):
+        out = width * multiplier
+        layers += [nn.Sequential(_conv_bn(channels, out, stride=2), ResidualBlock(out))]
+        channels = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _resnet18_body(state_dict: dict[str, torch.Tensor] | None) -> nn.Module:
+    body = resnet18(weights=None)
+    if state_dict is not None:
+        backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        missing, unexpected = body.load_state_dict(backbone, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise PipelineError(
+                f"weights do not fit ResNet-18: {len(missing)} missing keys (e.g. {missing[:1]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+            )
+    body.fc = nn.Identity()
+    return body
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    width: int = 32,
+    dropout: float = 0.0,
+    backbone_state: dict[str, torch.Tensor] | None = None,
+) -> Classifier:
+    """Build a classifier; ``backbone_state`` (ResNet only) initialises the body."""
+    if arch == "custom_cnn":
+        body, features, cam_layer = custom_cnn_body(width), width * 8, "body.5"
+    elif arch == "resnet18":
+        body, features, cam_layer = _resnet18_body(backbone_state), 512, "body.layer4"
+    else:
+        raise PipelineError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHS)}")
+    head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
+    return Classifier(InputNorm(mean, std), body, head, cam_layer)
+
+
+def imagenet_state_dict() -> dict[str, torch.Tensor]:
+    """torchvision's ``ResNet18_Weights.IMAGENET1K_V1`` (downloaded once to ``$TORCH_HOME``)."""
+    try:
+        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, socket.error, RuntimeError) as err:
+        raise PipelineError(
+            f"cannot load ImageNet weights for ResNet-18 ({type(err).__name__}: {err}); connect to the internet once, "
+            "or copy resnet18-f37072fd.pth into $TORCH_HOME/hub/checkpoints/, or set train_<approach>.weights "
+            "to a local .pth file or to none (trains from random initialisation)"
+        ) from None
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A ResNet-18 state_dict from a local file (a bare state_dict or a checkpoint with ``model``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"weights file not found: {path}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file; all mean "not a weights file"
+        raise PipelineError(f"{path} is not a loadable PyTorch state_dict: {str(err).splitlines()[0]}") from None
+    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"{path} does not hold a state_dict of tensors")
+    return {k.removeprefix("body."): v for k, v in state.items()}
+
+
+def backbone_weights(weights: str, imagenet: StateDictLoader = imagenet_state_dict) -> dict[str, torch.Tensor] | None:
+    """Resolve the ``weights`` param: ``imagenet``, ``none`` or a path to a state_dict."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return imagenet()
+    return load_state_dict_file(Path(weights))
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> Classifier:
+    """Rebuild a trained model from a plain-dict checkpoint (``torch.load(weights_only=True)``)."""
+    model = build_model(**checkpoint["model_args"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by the training stage, with a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"model file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure here means the file is not a checkpoint of ours
+        raise PipelineError(f"{path} is not a model checkpoint: {str(err).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
+        raise PipelineError(f"{path} is not a checkpoint written by this pipeline (no model_args/model)")
+    return checkpoint

@@ -1,0 +1,215 @@
+"""Fit one approach (custom CNN, feature extraction or fine-tuning) and keep its best epoch.
+
+One module serves the three training stages; they differ only by their params section.
+With a frozen body and no augmentation, feature extraction computes the body's embeddings
+once per split and trains the head on them: the result is the same model as running the
+frozen body every epoch, many times faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from dvclive import Live
+from torch import nn
+
+from cxr.augment import augment_batch
+from cxr.engine import EpochResult, evaluate, iterate_batches, to_input, train_one_epoch
+from cxr.errors import PipelineError
+from cxr.files import atomic_write
+from cxr.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, backbone_weights, build_model, imagenet_state_dict
+from cxr.params import Params, TrainParams, as_dict
+from cxr.preprocess import load_split
+from cxr.runtime import configure
+
+log = logging.getLogger(__name__)
+ARCH_BY_APPROACH = {"custom": "custom_cnn", "extract": "resnet18", "finetune": "resnet18"}
+
+
+@dataclass
+class SplitTensors:
+    """A split held in memory: uint8 images (N x H x W) or float embeddings (N x D), int64 labels."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_tensors(processed_dir: Path, split: str, classes: list[str]) -> SplitTensors:
+    images, labels, _ = load_split(processed_dir, split, classes)
+    return SplitTensors(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def pixel_stats(images: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
+    """Mean and standard deviation of all pixels in [0, 1], computed in float64 chunks."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].double().div(255)
+        total, total_sq, count = total + block.sum().item(), total_sq + block.square().sum().item(), count + block.numel()
+    mean = total / count
+    return mean, math.sqrt(max(total_sq / count - mean**2, 1e-12))
+
+
+def model_args_for(approach: str, recipe: TrainParams, train_images: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """The primitive arguments that rebuild the architecture (stored in the checkpoint)."""
+    arch = ARCH_BY_APPROACH[approach]
+    channels = 1 if arch == "custom_cnn" else 3
+    if arch == "resnet18" and recipe.weights != "none":
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    else:
+        pixel_mean, pixel_std = pixel_stats(train_images)
+        mean, std = [pixel_mean] * channels, [pixel_std] * channels
+    return {
+        "arch": arch,
+        "num_classes": num_classes,
+        "mean": mean,
+        "std": std,
+        "width": recipe.width,
+        "dropout": recipe.dropout,
+    }
+
+
+def make_optimizer(recipe: TrainParams, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def make_scheduler(
+    recipe: TrainParams, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-batch learning-rate schedule over the whole planned run."""
+    total = recipe.epochs * steps_per_epoch
+    if recipe.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total, pct_start=0.2)
+    if recipe.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return None
+
+
+@torch.inference_mode()
+def compute_embeddings(model: Classifier, split: SplitTensors, batch_size: int, device: torch.device,
+                       memory_format: torch.memory_format) -> SplitTensors:
+    """The frozen body's pooled features for every image of a split, on the CPU."""
+    model.eval()
+    chunks = [
+        model.embed(to_input(images, device, memory_format)).float().cpu()
+        for images, _ in iterate_batches(split.inputs, split.labels, batch_size)
+    ]
+    return SplitTensors(torch.cat(chunks), split.labels)
+
+
+def _log_epoch(live: Live, train: EpochResult, val: EpochResult) -> None:
+    for prefix, result in (("train", train), ("val", val)):
+        live.log_metric(f"{prefix}/loss", round(result.loss, 6))
+        live.log_metric(f"{prefix}/accuracy", round(result.accuracy, 6))
+        live.log_metric(f"{prefix}/macro_f1", round(result.macro_f1, 6))
+    live.next_step()
+
+
+def train_approach(
+    approach: str,
+    params: Params,
+    processed_dir: Path,
+    model_path: Path,
+    live_dir: Path,
+    imagenet: Callable[[], dict[str, torch.Tensor]] = imagenet_state_dict,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``approach`` per ``params`` and save its best epoch (by validation macro-F1).
+
+    Returns a summary (best epoch, its validation scores, epochs run, whether embeddings were cached).
+    """
+    recipe = params.approach(approach)
+    runtime = params.train
+    device = configure(runtime)
+    classes = list(params.data.classes)
+    train_split = load_tensors(processed_dir, "train", classes)
+    val_split = load_tensors(processed_dir, "val", classes)
+
+    image_size = int(train_split.inputs.shape[-1])
+    model_args = model_args_for(approach, recipe, train_split.inputs, len(classes))
+    backbone = backbone_weights(recipe.weights, imagenet) if model_args["arch"] == "resnet18" else None
+    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    model = build_model(**model_args, backbone_state=backbone).to(device, memory_format=memory_format)
+    frozen = approach == "extract"
+    if frozen:
+        model.freeze_body()
+
+    cached = frozen and not recipe.augment.enabled
+    if cached:
+        log.info("extract: caching the frozen body's embeddings once per split, then training the head on them")
+        train_split = compute_embeddings(model, train_split, params.evaluate.batch_size, device, memory_format)
+        val_split = compute_embeddings(model, val_split, params.evaluate.batch_size, device, memory_format)
+        step_model: nn.Module = model.head
+    else:
+        if frozen:
+            log.info("extract: augmentation is enabled, so the frozen body runs on every batch (no embedding cache)")
+        step_model = torch.compile(model) if runtime.compile else model
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(recipe, trainable)
+    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
+    scheduler = make_scheduler(recipe, optimizer, steps_per_epoch)
+    train_loss = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    eval_loss = nn.CrossEntropyLoss()
+    order = torch.Generator().manual_seed(runtime.seed)
+    augment_rng = torch.Generator().manual_seed(runtime.seed + 1)
+    transform = None if cached or not recipe.augment.enabled else (lambda x: augment_batch(x, recipe.augment, augment_rng))
+    common = {"device": device, "amp": runtime.amp, "memory_format": memory_format, "progress": progress}
+
+    best: dict[str, Any] = {"epoch": -1, "val_macro_f1": -1.0}
+    stale, epochs_run = 0, 0
+    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for epoch in range(recipe.epochs):
+            started = time.perf_counter()
+            train_result = train_one_epoch(
+                step_model,
+                iterate_batches(train_split.inputs, train_split.labels, recipe.batch_size, order),
+                len(train_split), optimizer, scheduler, train_loss, transform=transform,
+                desc=f"{approach} {epoch + 1}/{recipe.epochs}", **common,
+            )
+            val_result = evaluate(
+                step_model, iterate_batches(val_split.inputs, val_split.labels, params.evaluate.batch_size),
+                len(val_split), eval_loss, desc="val", **common,
+            )
+            elapsed = time.perf_counter() - started
+            epochs_run = epoch + 1
+            _log_epoch(live, train_result, val_result)
+            log.info(
+                "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f img/s",
+                approach, epochs_run, recipe.epochs, train_result.loss, train_result.accuracy,
+                val_result.loss, val_result.accuracy, val_result.macro_f1, len(train_split) / elapsed,
+            )
+            if val_result.macro_f1 > best["val_macro_f1"]:
+                best = {"epoch": epochs_run, "val_macro_f1": val_result.macro_f1, "val_accuracy": val_result.accuracy}
+                stale = 0
+                checkpoint = {
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "model_args": model_args,
+                    "approach": approach,
+                    "classes": classes,
+                    "image_size": image_size,
+                    "recipe": as_dict(recipe),
+                    **best,
+                }
+                atomic_write(model_path, lambda tmp: torch.save(checkpoint, tmp))
+            else:
+                stale += 1
+                if recipe.patience and stale >= recipe.patience:
+                    log.info("%s: no validation macro-F1 gain for %d epochs; stopping early", approach, stale)
+                    break
+    if best["epoch"] < 0:
+        raise PipelineError(f"{approach}: training produced no checkpoint")
+    return {**best, "epochs_run": epochs_run, "cached_embeddings": cached}
+

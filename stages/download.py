@@ -1,0 +1,15 @@
+"""Stage download: fetch the data set named by ``data.source`` into data/raw."""
+
+from cxr import paths
+from cxr.cli import run
+from cxr.download import fetch_dataset
+from cxr.params import load_params
+
+
+def main() -> None:
+    data = load_params().data
+    fetch_dataset(data.source, data.kaggle_handle, data.classes, paths.RAW)
+
+
+if __name__ == "__main__":
+    run(main)

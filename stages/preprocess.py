@@ -1,0 +1,38 @@
+"""Stage preprocess: decode every image once into uint8 arrays; report unreadable files."""
+
+import pandas as pd
+
+from cxr import paths
+from cxr.cli import run
+from cxr.files import atomic_write, write_json
+from cxr.params import load_params
+from cxr.preprocess import preprocess_split, save_split
+from cxr.split import SPLIT_NAMES, class_counts
+
+
+def main() -> None:
+    params = load_params()
+    classes = params.data.classes
+    listed, kept, skipped = {}, {}, []
+    for split in SPLIT_NAMES:
+        listed[split] = pd.read_csv(paths.SPLITS / f"{split}.csv")
+        images, kept[split], failures = preprocess_split(
+            paths.RAW, listed[split], params.preprocess.image_size, params.preprocess.workers, split, classes
+        )
+        save_split(paths.PROCESSED, split, images, kept[split])
+        skipped.append(failures)
+    report = pd.concat(skipped, ignore_index=True)[["split", "path", "label", "reason"]]
+    atomic_write(paths.SKIPPED_REPORT, lambda tmp: report.to_csv(tmp, index=False))
+    write_json(
+        paths.DATA_METRICS,
+        {
+            "listed": class_counts(listed, classes),
+            "processed": class_counts(kept, classes),
+            "skipped": {split: int((report["split"] == split).sum()) for split in SPLIT_NAMES},
+            "image_size": params.preprocess.image_size,
+        },
+    )
+
+
+if __name__ == "__main__":
+    run(main)
