@@ -7,10 +7,12 @@ a failed or interrupted download never leaves partial data that later stages cou
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,7 +29,7 @@ def kagglehub_download(handle: str, workdir: Path) -> Path:
     touches the network or Kaggle's credential checks.
     """
     import kagglehub
-    from kagglehub.exceptions import KaggleApiHTTPError
+    from kagglehub.exceptions import DataCorruptionError, KaggleApiHTTPError
 
     try:
         return Path(kagglehub.dataset_download(handle, output_dir=str(workdir / "kaggle"), force_download=True))
@@ -39,6 +41,8 @@ def kagglehub_download(handle: str, workdir: Path) -> Path:
                 "KAGGLE_KEY, or put kaggle.json in ~/.kaggle/ (https://www.kaggle.com/settings/api)"
             ) from None
         raise PipelineError(f"Kaggle download of {handle} failed: {str(err).splitlines()[0]}") from None
+    except DataCorruptionError:
+        raise PipelineError(f"Kaggle download of {handle} was corrupted (checksum mismatch); run it again") from None
     except OSError as err:
         raise PipelineError(
             f"cannot reach Kaggle to download {handle} ({type(err).__name__}: {err}); check the network, or set "
@@ -51,8 +55,12 @@ def _download_url(url: str, workdir: Path) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, target.open("wb") as out:
             shutil.copyfileobj(response, out)
-    except OSError as err:
+            # http.client ends a sized body early without an error when the server hangs up.
+            missing = response.length
+    except (OSError, http.client.HTTPException) as err:
         raise PipelineError(f"cannot download {url}: {err}") from None
+    if missing:
+        raise PipelineError(f"cannot download {url}: the connection closed with {missing} bytes still to come")
     return target
 
 
@@ -64,8 +72,9 @@ def _extract_zip(archive: Path, workdir: Path) -> Path:
             if bad is not None:
                 raise PipelineError(f"{archive}: corrupt zip member {bad}")
             zf.extractall(destination)
-    except zipfile.BadZipFile:
-        raise PipelineError(f"{archive} is not a valid zip file") from None
+    # Damaged member data surfaces as zlib.error or EOFError, an unsupported method (Deflate64) as NotImplementedError.
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+        raise PipelineError(f"{archive} is not a valid zip file ({err})") from None
     return destination
 
 
@@ -124,6 +133,21 @@ def _materialise_local_or_url(source: str, workdir: Path) -> Path:
     raise PipelineError(f"data.source {source!r} is neither a folder nor a .zip file")
 
 
+def _kaggle_into_workdir(fetched: Path, workdir: Path) -> Path:
+    """Make the downloaded data a folder inside ``workdir``, which the final rename may move.
+
+    Inside Kaggle and Colab notebooks ``kagglehub`` ignores ``output_dir`` and returns a
+    read-only mounted folder; moving that would fail or take someone else's files, so it is copied.
+    """
+    if fetched.is_file() and fetched.suffix == ".zip":
+        return _extract_zip(fetched, workdir)
+    if not fetched.is_dir() or fetched.resolve().is_relative_to(workdir.resolve()):
+        return fetched
+    copy = workdir / "copied"
+    shutil.copytree(fetched, copy)
+    return copy
+
+
 def fetch_dataset(
     source: str,
     kaggle_handle: str,
@@ -137,9 +161,7 @@ def fetch_dataset(
     with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{destination.name}-") as tmp:
         workdir = Path(tmp)
         if source == "kaggle":
-            fetched = kaggle(kaggle_handle, workdir)
-            if fetched.is_file() and fetched.suffix == ".zip":
-                fetched = _extract_zip(fetched, workdir)
+            fetched = _kaggle_into_workdir(kaggle(kaggle_handle, workdir), workdir)
         else:
             fetched = _materialise_local_or_url(source, workdir)
         root = find_data_root(fetched)

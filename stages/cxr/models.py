@@ -108,7 +108,10 @@ def _resnet18_body(state_dict: dict[str, torch.Tensor] | None) -> nn.Module:
     body = resnet18(weights=None)
     if state_dict is not None:
         backbone = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-        missing, unexpected = body.load_state_dict(backbone, strict=False)
+        try:
+            missing, unexpected = body.load_state_dict(backbone, strict=False)
+        except RuntimeError as err:
+            raise PipelineError(f"weights do not fit ResNet-18: {str(err).splitlines()[-1].strip()}") from None
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise PipelineError(

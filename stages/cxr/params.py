@@ -147,8 +147,9 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
     if "choices" in meta and value not in meta["choices"]:
         raise PipelineError(f"params.yaml: {key} is {value!r}; allowed: {', '.join(meta['choices'])}")
     low, high = meta.get("low"), meta.get("high")
-    too_low = low is not None and (value <= low if meta.get("open_low") else value < low)
-    if too_low or (high is not None and value > high):
+    # Written as "not inside" rather than "outside", so NaN (which compares false) is rejected.
+    too_low = low is not None and not (value > low if meta.get("open_low") else value >= low)
+    if too_low or (high is not None and not value <= high):
         lower = f"> {low}" if meta.get("open_low") else f">= {low}"
         raise PipelineError(f"params.yaml: {key} is {value!r}; allowed: {lower} and <= {high}")
 

@@ -76,7 +76,7 @@ def load_split(processed_dir: Path, split: str, classes: Sequence[str]) -> tuple
     unknown = sorted(set(rows["label"]) - set(classes))
     if unknown:
         raise PipelineError(f"{csv_path}: label {unknown[0]!r} is not one of {', '.join(classes)}")
-    labels = rows["label"].map({name: i for i, name in enumerate(classes)}).to_numpy(np.int64)
+    labels = np.array(rows["label"].map({name: i for i, name in enumerate(classes)}), dtype=np.int64)
     if len(labels) != len(images):
         raise PipelineError(f"{processed_dir}: {split}.npy has {len(images)} images but {split}.csv has {len(labels)} rows")
     return images, labels, rows

@@ -97,10 +97,14 @@ def make_scheduler(
     return None
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def compute_embeddings(model: Classifier, split: SplitTensors, batch_size: int, device: torch.device,
                        memory_format: torch.memory_format) -> SplitTensors:
-    """The frozen body's pooled features for every image of a split, on the CPU."""
+    """The frozen body's pooled features for every image of a split, on the CPU.
+
+    ``no_grad`` rather than ``inference_mode``: the head is then trained on these tensors,
+    and autograd refuses inference tensors.
+    """
     model.eval()
     chunks = [
         model.embed(to_input(images, device, memory_format)).float().cpu()

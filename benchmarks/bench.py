@@ -1,0 +1,231 @@
+"""Training/evaluation throughput of each approach, and how close the real pipeline gets to the model's limit.
+
+For every approach it times the exact code the train stages run (in-memory uint8 images →
+``iterate_batches`` → ``to_input`` → ``augment_batch`` → ``train_one_epoch``) against a *ceiling*:
+the same model, batch, threads and memory format stepping on a random tensor already on the
+device. A ratio well below 1 means time goes into the data path, not the arithmetic. Pipeline,
+ceiling and evaluation are run in alternating rounds and the best round of each is kept, so
+background load does not bias the ratio. Run from the project root: ``python benchmarks/bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from cxr.augment import augment_batch
+from cxr.engine import evaluate, iterate_batches, train_one_epoch
+from cxr.images import IMAGE_SUFFIXES
+from cxr.models import build_model
+from cxr.params import APPROACHES, Params, load_params
+from cxr.paths import METRICS, PROCESSED, RAW
+from cxr.preprocess import decode_all
+from cxr.runtime import autocast, configure
+from cxr.train import SplitTensors, compute_embeddings, load_tensors, make_optimizer, make_scheduler, model_args_for
+
+WARMUP_STEPS = 2
+SYNTHETIC_JPEG_SIDE = 1024  # about the size of the data set's X-rays
+Run = Callable[[int], int]  # runs n steps, returns the number of images processed
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_rates(runs: dict[str, Run], steps: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Images/s of each run: one warm-up call each, then ``repeats`` alternating rounds; best round kept."""
+    for run in runs.values():
+        run(WARMUP_STEPS)
+    rates = dict.fromkeys(runs, 0.0)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync(device)
+            started = time.perf_counter()
+            images = run(steps)
+            sync(device)
+            rates[name] = max(rates[name], images / (time.perf_counter() - started))
+    return rates
+
+
+def endless_batches(split: SplitTensors, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled epochs back to back, as the train stage draws them."""
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        yield from iterate_batches(split.inputs, split.labels, batch_size, order)
+
+
+def training_images(size: int, count: int, classes: list[str], synthetic: bool) -> tuple[SplitTensors, str]:
+    """The preprocessed train split when it exists at this size, else random uint8 images."""
+    path = PROCESSED / "train.npy"
+    if not synthetic and path.exists() and np.load(path, mmap_mode="r").shape[1:] == (size, size):
+        return load_tensors(PROCESSED, "train", classes), str(path)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, size, size), dtype=torch.uint8, generator=generator)
+    return SplitTensors(images, torch.randint(0, 3, (count,), generator=generator)), "synthetic"
+
+
+class Bench:
+    """The runs of one model, sharing its optimizer, loss and runtime settings."""
+
+    def __init__(self, params: Params, approach: str, model: nn.Module, device: torch.device, total_steps: int) -> None:
+        self.approach, self.recipe, self.runtime = approach, params.approach(approach), params.train
+        self.device, self.model = device, model
+        self.memory_format = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
+        self.eval_batch = params.evaluate.batch_size
+        self.optimizer = make_optimizer(self.recipe, [p for p in model.parameters() if p.requires_grad])
+        self.scheduler = make_scheduler(self.recipe, self.optimizer, math.ceil(total_steps / self.recipe.epochs) + 1)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
+        self.common = {"device": device, "amp": self.runtime.amp, "memory_format": self.memory_format, "progress": False}
+
+    def pipeline(self, data: SplitTensors, augment: bool) -> Run:
+        batches = endless_batches(data, self.recipe.batch_size, self.runtime.seed)
+        aug_params, rng = dataclasses.replace(self.recipe.augment, enabled=True), torch.Generator().manual_seed(1)
+        transform = (lambda x: augment_batch(x, aug_params, rng)) if augment else None
+        return lambda n: len(train_one_epoch(
+            self.model, itertools.islice(batches, n), n * self.recipe.batch_size, self.optimizer, self.scheduler,
+            self.loss_fn, transform=transform, **self.common).labels)
+
+    def ceiling(self, sample_shape: tuple[int, ...]) -> Run:
+        """Forward/backward/step on one random float batch already on the device (uint8 images become 1 x H x W)."""
+        x = torch.rand(self.recipe.batch_size, *sample_shape, device=self.device)
+        x = x.unsqueeze(1).contiguous(memory_format=self.memory_format) if x.dim() == 3 else x
+        y = torch.randint(0, 3, (self.recipe.batch_size,), device=self.device)
+
+        def run(n: int) -> int:
+            self.model.train()
+            for _ in range(n):
+                with autocast(self.device, self.runtime.amp):
+                    loss = self.loss_fn(self.model(x), y)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+            return n * len(y)
+        return run
+
+    def evaluation(self, data: SplitTensors) -> Run:
+        """Evaluates as many images as ``n`` training steps see, in eval-size batches."""
+        batches = endless_batches(data, self.eval_batch, self.runtime.seed)
+        return lambda n: len(evaluate(
+            self.model, itertools.islice(batches, math.ceil(n * self.recipe.batch_size / self.eval_batch)),
+            n * self.recipe.batch_size, nn.CrossEntropyLoss(), **self.common).labels)
+
+
+def measure(bench: Bench, path: str, data: SplitTensors, augment: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """Pipeline, ceiling and evaluation of one model on ``data``, in alternating rounds."""
+    runs = {"pipeline": bench.pipeline(data, augment), "ceiling": bench.ceiling(tuple(data.inputs.shape[1:])),
+            "eval": bench.evaluation(data)}
+    rates = best_rates(runs, args.steps, args.repeats, bench.device)
+    return {"approach": bench.approach, "batch_size": bench.recipe.batch_size, "path": path, **rates}
+
+
+def bench_approach(params: Params, approach: str, data: SplitTensors, device: torch.device, args: argparse.Namespace
+                   ) -> list[dict[str, Any]]:
+    """One row per measured path (extract has three: cached head, embedding computation, frozen body)."""
+    recipe, total_steps = params.approach(approach), WARMUP_STEPS + args.steps * args.repeats
+    memory_format = torch.channels_last if params.train.channels_last else torch.contiguous_format
+    model = build_model(**model_args_for(approach, recipe, data.inputs, 3)).to(device, memory_format=memory_format)
+    step_model = torch.compile(model) if params.train.compile else model
+    if approach != "extract":
+        path = "images → augment → step" if recipe.augment.enabled else "images → step"
+        return [measure(Bench(params, approach, step_model, device, total_steps), path, data, recipe.augment.enabled, args)]
+    model.freeze_body()
+    frozen = Bench(params, approach, step_model, device, total_steps)
+    body_row = measure(frozen, "frozen body every batch (augment on)", data, True, args)
+    count = args.steps * recipe.batch_size
+    sample = SplitTensors(data.inputs[:count], data.labels[:count])
+    embeddings = compute_embeddings(model, sample, frozen.eval_batch, device, memory_format)
+    head_row = measure(Bench(params, approach, model.head, device, total_steps), "cached: head on embeddings",
+                       embeddings, False, args)
+    embed = {"embed": lambda n: len(compute_embeddings(
+        model, SplitTensors(sample.inputs[: n * recipe.batch_size], sample.labels[: n * recipe.batch_size]),
+        frozen.eval_batch, device, memory_format))}
+    embed_row = {"approach": approach, "batch_size": frozen.eval_batch, "path": "cached: embed once per split",
+                 "pipeline": best_rates(embed, args.steps, args.repeats, device)["embed"]}
+    return [head_row, embed_row, body_row]
+
+
+def decode_rate(size: int, count: int, workers: int, synthetic: bool) -> dict[str, Any]:
+    """``decode_all`` images/s over the raw data's first ``count`` images, or synthetic JPEGs."""
+    files = [] if synthetic or not RAW.exists() else sorted(
+        p for p in RAW.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:count]
+    with tempfile.TemporaryDirectory() as tmp:
+        source = str(RAW)
+        if not files:
+            source = f"synthetic {SYNTHETIC_JPEG_SIDE}px JPEG"
+            ramp = np.add.outer(np.arange(SYNTHETIC_JPEG_SIDE), np.arange(SYNTHETIC_JPEG_SIDE)) // 8
+            for i in range(count):
+                files.append(Path(tmp) / f"{i}.jpg")
+                Image.fromarray(((ramp + 13 * i) % 256).astype(np.uint8)).save(files[-1], quality=90)
+        started = time.perf_counter()
+        decode_all(files, size, workers)
+        rate = len(files) / (time.perf_counter() - started)
+    return {"approach": "preprocess", "batch_size": None, "path": f"decode_all {len(files)} {source}, {workers} workers",
+            "pipeline": rate, "files": len(files), "workers": workers}
+
+
+def print_table(header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    def cell(row: dict[str, Any], column: str) -> str:
+        value = row.get(column)
+        if isinstance(value, float):
+            return f"{value:.2f}" if column == "ratio" else f"{value:,.1f}"
+        return "-" if value is None else str(value)
+
+    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    columns = ["approach", "path", "batch_size", "pipeline", "ceiling", "ratio", "eval"]
+    titles = ["approach", "path", "batch", "pipeline img/s", "ceiling img/s", "ratio", "eval img/s"]
+    table = [titles] + [[cell(row, c) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
+    print("pipeline = train_one_epoch on in-memory uint8 images (or cached embeddings); ceiling = same model and batch "
+          "stepping on a random on-device tensor; 'cached: embed' runs once per split, not per epoch")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table and write the JSON report; returns the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--approaches", nargs="+", choices=APPROACHES, default=list(APPROACHES))
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per round")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best is kept")
+    parser.add_argument("--image-size", type=int, help="default: preprocess.image_size")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, default=METRICS / "bench.json")
+    parser.add_argument("--decode-files", type=int, default=200)
+    parser.add_argument("--synthetic", action="store_true", help="ignore data/processed and data/raw")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    device = configure(params.train)
+    size = args.image_size or params.preprocess.image_size
+    batch = max(params.approach(a).batch_size for a in args.approaches)
+    data, source = training_images(size, args.steps * batch, list(params.data.classes), args.synthetic)
+    header = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+              "image_size": size, "data": source, "steps": args.steps, "repeats": args.repeats,
+              "eval_batch_size": params.evaluate.batch_size}
+    rows = [row for approach in args.approaches for row in bench_approach(params, approach, data, device, args)]
+    rows.append(decode_rate(size, args.decode_files, params.preprocess.workers, args.synthetic))
+    for row in rows:
+        if row.get("ceiling"):
+            row["ratio"] = row["pipeline"] / row["ceiling"]
+    print_table(header, rows)
+    report = {**header, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

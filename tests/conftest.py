@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny synthetic Kaggle-layout data sets, and a guard against network access.
+
+``make_kaggle_tree`` and ``make_kaggle_zip`` are plain functions (importable with
+``from conftest import make_kaggle_tree, make_kaggle_zip``) so tests can vary the data set;
+the ``kaggle_tree`` and ``kaggle_zip`` fixtures wrap them with the defaults.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("COVID19", "NORMAL", "PNEUMONIA")
+
+_CLASS_LOOK = {
+    # class: (mean grey level, stripe orientation); unknown classes get a mid grey without stripes
+    "COVID19": (70, "rows"),
+    "NORMAL": (180, None),
+    "PNEUMONIA": (120, "columns"),
+}
+_TEST_PATIENT_OFFSET = 1000
+
+
+class NetworkAccessError(RuntimeError):
+    """Raised instead of connecting anywhere but loopback; not an OSError, so no code under test can swallow it."""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any non-loopback ``connect`` fail loudly, so an accidental download cannot pass as offline."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def check(sock: socket.socket, address: object) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(str(address[0])):
+            raise NetworkAccessError(f"test tried to reach the network: {address!r}")
+
+    def guarded_connect(sock: socket.socket, address: object) -> None:
+        check(sock, address)
+        return real_connect(sock, address)
+
+    def guarded_connect_ex(sock: socket.socket, address: object) -> int:
+        check(sock, address)
+        return real_connect_ex(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+
+
+def _file_name(label: str, index: int, split: str) -> str:
+    """Kermany-like names: PNEUMONIA images come two per patient (``personN_bacteria_M``), others are single."""
+    if label == "PNEUMONIA":
+        offset = _TEST_PATIENT_OFFSET if split == "test" else 0
+        return f"person{offset + index // 2}_bacteria_{index}.jpeg"
+    if label == "NORMAL":
+        return f"IM-{index:04d}-0001.jpeg"
+    return f"{label.lower()}_{index:03d}.jpg"
+
+
+def _synthetic_xray(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    mean, stripes = _CLASS_LOOK.get(label, (128, None))
+    pixels = np.full((size, size), float(mean))
+    if stripes == "rows":
+        pixels[::4, :] += 60
+    elif stripes == "columns":
+        pixels[:, ::4] += 60
+    pixels += rng.normal(0.0, 12.0, size=(size, size))
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def make_kaggle_tree(
+    root: Path,
+    per_class: dict[str, int] | int = 4,
+    size: int = 48,
+    splits: Sequence[str] = ("train", "test"),
+    classes: Sequence[str] = CLASSES,
+    seed: int = 0,
+) -> Path:
+    """Write ``root/Data/<split>/<class>/*`` of synthetic grayscale JPEGs and return ``root/Data``.
+
+    * ``per_class``: images per class in every split; a dict gives per-class counts, and a
+      class it does not name gets an empty folder (0 images).
+    * ``size``: side of the square JPEGs in pixels.
+    * ``splits`` / ``classes``: which split and class folders to create (any names, so
+      broken layouts can be built too).
+    * ``seed``: the same arguments and seed give byte-identical files.
+
+    Pixels depend on the class (COVID19 dark with horizontal stripes, NORMAL bright and
+    plain, PNEUMONIA mid-grey with vertical stripes) plus seeded noise, so a model can learn
+    them. PNEUMONIA files are named ``person{n}_bacteria_{m}.jpeg`` with two images per
+    patient (so a class of k images has ceil(k/2) patients; test patients are numbered from
+    1000, so they never share an id with train ones); NORMAL files are ``IM-{i:04d}-0001.jpeg``
+    and COVID19 files ``covid19_{i:03d}.jpg``, one patient each. Splitting with
+    ``val_fraction`` needs at least ``round(1 / val_fraction)`` patients per class, e.g.
+    ``per_class=4`` works with ``val_fraction=0.5`` and ``per_class=14`` with 0.15.
+    """
+    rng = np.random.default_rng(seed)
+    data = Path(root) / "Data"
+    for split in splits:
+        for label in classes:
+            class_dir = data / split / label
+            class_dir.mkdir(parents=True, exist_ok=True)
+            count = per_class.get(label, 0) if isinstance(per_class, dict) else per_class
+            for index in range(count):
+                image = Image.fromarray(_synthetic_xray(label, size, rng))
+                image.save(class_dir / _file_name(label, index, split), format="JPEG", quality=90)
+    return data
+
+
+def make_kaggle_zip(tmp_path: Path, top_folder: str | None = None) -> Path:
+    """Zip a default :func:`make_kaggle_tree` (entries ``Data/...``, or ``<top_folder>/Data/...``).
+
+    Each call works in a fresh folder under ``tmp_path``, so it can be called repeatedly;
+    returns the path of the ``.zip`` file.
+    """
+    work = Path(tempfile.mkdtemp(prefix="kaggle-zip-", dir=tmp_path))
+    data = make_kaggle_tree(work / "tree")
+    archive = work / "kaggle.zip"
+    prefix = f"{top_folder}/" if top_folder else ""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(data.rglob("*")):
+            if path.is_file():
+                zf.write(path, prefix + path.relative_to(data.parent).as_posix())
+    return archive
+
+
+@pytest.fixture
+def kaggle_tree(tmp_path: Path) -> Path:
+    """A default synthetic data set; the ``Data`` folder (``tmp_path/kaggle/Data``)."""
+    return make_kaggle_tree(tmp_path / "kaggle")
+
+
+@pytest.fixture
+def kaggle_zip(tmp_path: Path) -> Path:
+    """A zip of a default synthetic data set with ``Data/`` at the top of the archive."""
+    return make_kaggle_zip(tmp_path)

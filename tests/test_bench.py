@@ -1,0 +1,48 @@
+"""Smoke test of benchmarks/bench.py: it runs end to end and reports every approach (no timing checks)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the shared 2-core machine makes multi-threaded tiny steps slow, not wrong."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_bench_reports_every_approach_with_positive_rates(bench, one_thread, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--image-size", "32", "--steps", "2", "--repeats", "1", "--decode-files", "3", "--synthetic",
+            "--params", str(ROOT / "params.yaml"), "--out", str(out)]
+    returned = bench.main(argv)
+
+    report = json.loads(out.read_text())
+    assert report == json.loads(json.dumps(returned, ensure_ascii=False))
+    assert report["image_size"] == 32 and report["data"] == "synthetic"
+    rows = report["rows"]
+    assert {row["approach"] for row in rows} == {"custom", "extract", "finetune", "preprocess"}
+    assert {row["path"] for row in rows if row["approach"] == "extract"} == {
+        "cached: head on embeddings", "cached: embed once per split", "frozen body every batch (augment on)"}
+    for row in rows:
+        rates = [row[key] for key in ("pipeline", "ceiling", "eval", "ratio") if key in row]
+        assert rates and all(rate > 0 for rate in rates), row
+    trained = [row for row in rows if "ceiling" in row]
+    assert len(trained) == 4 and all({"pipeline", "ceiling", "eval", "ratio"} <= row.keys() for row in trained)
+    assert "ceiling img/s" in capsys.readouterr().out

@@ -1,0 +1,48 @@
+"""Scores, predictions tables and the comparison table."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_score, recall_score
+
+from cxr.compare import bar_chart, summary_table, to_markdown
+from cxr.evaluation import classification_metrics, predictions_frame, probabilities_of
+from cxr.params import CLASSES
+
+
+def test_metrics_match_scikit_learn_and_list_an_absent_class():
+    true = ["COVID19", "COVID19", "NORMAL", "NORMAL", "NORMAL", "COVID19"]
+    pred = ["COVID19", "NORMAL", "NORMAL", "NORMAL", "COVID19", "COVID19"]
+    scores = classification_metrics(true, pred, CLASSES)
+    labels = list(CLASSES)
+    assert scores["accuracy"] == pytest.approx(4 / 6, abs=1e-6)
+    assert scores["f1_macro"] == pytest.approx(f1_score(true, pred, labels=labels, average="macro", zero_division=0), abs=1e-6)
+    assert scores["precision_macro"] == pytest.approx(
+        precision_score(true, pred, labels=labels, average="macro", zero_division=0), abs=1e-6
+    )
+    assert scores["recall_macro"] == pytest.approx(
+        recall_score(true, pred, labels=labels, average="macro", zero_division=0), abs=1e-6
+    )
+    assert scores["per_class"]["PNEUMONIA"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert scores["confusion_matrix"]["rows_true_columns_predicted"] == [[2, 1, 0], [1, 2, 0], [0, 0, 0]]
+
+
+def test_predictions_frame_round_trips_probabilities():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    frame = predictions_frame(["a.jpg", "b.jpg"], np.array([0, 1]), probs, CLASSES)
+    assert list(frame["predicted"]) == ["COVID19", "PNEUMONIA"]
+    assert list(frame["label"]) == ["COVID19", "NORMAL"]
+    assert np.allclose(probabilities_of(frame, CLASSES), probs)
+
+
+def _scores(f1):
+    return {"accuracy": f1, "precision_macro": f1, "recall_macro": f1, "f1_macro": f1}
+
+
+def test_table_has_reference_columns_and_bolds_the_best_row(tmp_path):
+    table = summary_table({"custom": _scores(0.9), "extract": _scores(0.8), "finetune": _scores(0.95)})
+    assert list(table.columns) == ["Model", "Accuracy", "Precision (Macro)", "Recall (Macro)", "F1-Score (Macro)"]
+    lines = to_markdown(table).splitlines()
+    assert lines[4].startswith("| **Fine-tuning (ResNet-18)** | **0.9500**")
+    assert "**" not in lines[2] + lines[3]
+    bar_chart(table, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

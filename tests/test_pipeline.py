@@ -1,0 +1,143 @@
+"""End to end: ``dvc repro`` in a temporary copy of the project, on generated and (when present) real images."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import make_kaggle_tree
+from cxr.evaluation import classification_metrics
+from cxr.files import read_json
+from cxr.params import APPROACHES, CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI_ZIP = ROOT.parent / "shared" / "data" / "cxr3-mini.zip"
+PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore")
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.com"
+    return env
+
+
+def sh(project: Path, *args: str) -> str:
+    """Run a command in the project copy; fail the test with its output if it fails."""
+    done = subprocess.run(args, cwd=project, env=_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
+def make_project(tmp_path: Path, source: Path, image_size: int, epochs: int) -> Path:
+    """Copy the project's pipeline files into a fresh git repo with tiny params."""
+    project = tmp_path / "project"
+    for name in PROJECT_FILES:
+        target = project / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, target)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["source"] = str(source)
+    params["split"]["val_fraction"] = 0.25
+    params["preprocess"].update(image_size=image_size, workers=1)
+    params["train"]["threads"] = 1
+    for approach in APPROACHES:
+        section = params[f"train_{approach}"]
+        section.update(epochs=epochs, batch_size=16)
+        if approach != "custom":
+            section["weights"] = "none"
+    params["train_custom"]["width"] = 8
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(project, "git", "init", "-q")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "tiny pipeline")
+    return project
+
+
+def ran_stages(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+def check_outputs(project: Path) -> None:
+    """Every declared output exists and the table agrees with metrics recomputed from predictions."""
+    for path in ("data/raw/train", "data/split/val.csv", "data/processed/test.npy", "metrics/data.json",
+                 "reports/skipped_images.csv", "metrics/summary.md", "plots/compare.png"):
+        assert (project / path).exists(), path
+    summary = pd.read_csv(project / "metrics" / "summary.csv")
+    for row, approach in zip(summary.itertuples(index=False), APPROACHES):
+        assert (project / "models" / f"{approach}.pt").is_file()
+        assert (project / "plots" / approach / "plots" / "metrics" / "val" / "macro_f1.tsv").is_file()
+        predictions = pd.read_csv(project / "metrics" / "predictions" / f"{approach}.csv")
+        recomputed = classification_metrics(predictions["label"], predictions["predicted"], CLASSES)
+        assert read_json(project / "metrics" / f"{approach}.json") == recomputed
+        assert row[1:] == pytest.approx(
+            (recomputed["accuracy"], recomputed["precision_macro"], recomputed["recall_macro"], recomputed["f1_macro"]),
+            abs=1e-6,
+        )
+
+
+def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path):
+    source = make_kaggle_tree(tmp_path / "images", per_class=8, size=40).parent
+    project = make_project(tmp_path, source, image_size=32, epochs=1)
+
+    first = sh(project, "dvc", "repro")
+    assert ran_stages(first) == {
+        "download", "split", "preprocess", "train_custom", "train_extract", "train_finetune",
+        "evaluate@custom", "evaluate@extract", "evaluate@finetune", "compare",
+    }
+    check_outputs(project)
+    assert "F1-Score (Macro)" in first
+
+    assert ran_stages(sh(project, "dvc", "repro")) == set()
+    assert "up to date" in sh(project, "dvc", "status")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "first run")
+
+    rerun = sh(project, "dvc", "exp", "run", "-S", "train_custom.epochs=2")
+    # compare reruns only if the custom model's scores changed; nothing else may rerun.
+    assert {"train_custom", "evaluate@custom"} <= ran_stages(rerun) <= {"train_custom", "evaluate@custom", "compare"}
+    check_outputs(project)
+    assert "metrics/custom.json" in sh(project, "dvc", "metrics", "diff")
+    sh(project, "dvc", "plots", "show", "-o", str(tmp_path / "plots_html"))
+    assert (tmp_path / "plots_html" / "index.html").is_file()
+
+
+def test_bad_param_stops_the_stage_with_one_line(tmp_path):
+    source = make_kaggle_tree(tmp_path / "images", per_class=8, size=40).parent
+    project = make_project(tmp_path, source, image_size=32, epochs=1)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train_custom"]["optimiser"] = "adamw"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run([sys.executable, "stages/split.py"], cwd=project, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: params.yaml: unknown key params.train_custom.optimiser; allowed keys in params.train_custom: "
+        "epochs, batch_size, optimizer, lr, weight_decay, scheduler, patience, label_smoothing, weights, width, "
+        "dropout, augment"
+    ]
+
+
+@pytest.mark.skipif(not MINI_ZIP.is_file(), reason="../shared/data/cxr3-mini.zip not present")
+def test_dvc_repro_on_real_mini_images(tmp_path):
+    project = make_project(tmp_path, MINI_ZIP, image_size=64, epochs=2)
+    sh(project, "dvc", "repro")
+    check_outputs(project)
+    assert ran_stages(sh(project, "dvc", "repro")) == set()
+    counts = read_json(project / "metrics" / "data.json")["processed"]
+    assert sum(counts[split]["total"] for split in ("train", "val")) == 72 and counts["test"]["total"] == 24
