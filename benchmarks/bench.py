@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from cxr.augment import augment_batch
+from cxr.cli import run
 from cxr.engine import evaluate, iterate_batches, train_one_epoch
 from cxr.images import IMAGE_SUFFIXES
 from cxr.models import build_model
@@ -39,6 +40,17 @@ from cxr.train import SplitTensors, compute_embeddings, load_tensors, make_optim
 WARMUP_STEPS = 2
 SYNTHETIC_JPEG_SIDE = 1024  # about the size of the data set's X-rays
 Run = Callable[[int], int]  # runs n steps, returns the number of images processed
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def sync(device: torch.device) -> None:
@@ -137,11 +149,13 @@ def bench_approach(params: Params, approach: str, data: SplitTensors, device: to
     """One row per measured path (extract has three: cached head, embedding computation, frozen body)."""
     recipe, total_steps = params.approach(approach), WARMUP_STEPS + args.steps * args.repeats
     memory_format = torch.channels_last if params.train.channels_last else torch.contiguous_format
-    model = build_model(**model_args_for(approach, recipe, data.inputs, 3)).to(device, memory_format=memory_format)
+    model_args = model_args_for(approach, recipe, data.inputs, len(params.data.classes))
+    model = build_model(**model_args).to(device, memory_format=memory_format)
     step_model = torch.compile(model) if params.train.compile else model
     if approach != "extract":
         path = "images → augment → step" if recipe.augment.enabled else "images → step"
-        return [measure(Bench(params, approach, step_model, device, total_steps), path, data, recipe.augment.enabled, args)]
+        bench = Bench(params, approach, step_model, device, total_steps)
+        return [measure(bench, path, data, recipe.augment.enabled, args)]
     model.freeze_body()
     frozen = Bench(params, approach, step_model, device, total_steps)
     body_row = measure(frozen, "frozen body every batch (augment on)", data, True, args)
@@ -199,12 +213,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table and write the JSON report; returns the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--approaches", nargs="+", choices=APPROACHES, default=list(APPROACHES))
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps per round")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best is kept")
-    parser.add_argument("--image-size", type=int, help="default: preprocess.image_size")
+    parser.add_argument("--steps", type=positive, default=20, help="timed training steps per round")
+    parser.add_argument("--repeats", type=positive, default=3, help="alternating rounds; the best is kept")
+    parser.add_argument("--image-size", type=positive, help="default: preprocess.image_size")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=METRICS / "bench.json")
-    parser.add_argument("--decode-files", type=int, default=200)
+    parser.add_argument("--decode-files", type=positive, default=200)
     parser.add_argument("--synthetic", action="store_true", help="ignore data/processed and data/raw")
     args = parser.parse_args(argv)
     params = load_params(args.params)
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = args.image_size or params.preprocess.image_size
     batch = max(params.approach(a).batch_size for a in args.approaches)
     data, source = training_images(size, args.steps * batch, list(params.data.classes), args.synthetic)
-    header = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+    header = {"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
               "image_size": size, "data": source, "steps": args.steps, "repeats": args.repeats,
               "eval_batch_size": params.evaluate.batch_size}
     rows = [row for approach in args.approaches for row in bench_approach(params, approach, data, device, args)]
@@ -228,4 +242,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -15,7 +15,7 @@ def main() -> None:
     classes = params.data.classes
     listed, kept, skipped = {}, {}, []
     for split in SPLIT_NAMES:
-        listed[split] = pd.read_csv(paths.SPLITS / f"{split}.csv")
+        listed[split] = pd.read_csv(paths.SPLITS / f"{split}.csv", dtype=str)
         images, kept[split], failures = preprocess_split(
             paths.RAW, listed[split], params.preprocess.image_size, params.preprocess.workers, split, classes
         )

@@ -1,4 +1,4 @@
-"""fetch_dataset: every source lands as the same checked Data tree, and every failure is one line that changes nothing."""
+"""fetch_dataset: every source lands as the same checked Data tree; every failure is one line and changes nothing."""
 
 from __future__ import annotations
 
@@ -404,6 +404,23 @@ def test_other_kaggle_http_errors_keep_their_first_line(tmp_path, fake_dataset_d
     message = _kaggle_error(tmp_path, error, fake_dataset_download)
 
     assert message == f"Kaggle download of {HANDLE} failed: 404 Client Error: Not Found for url"
+
+
+@pytest.mark.parametrize("bad_handle", ["prashant268", "owner/dataset/versions/latest"])
+def test_a_malformed_handle_points_at_the_param(tmp_path, bad_handle):
+    with pytest.raises(PipelineError) as excinfo:
+        kagglehub_download(bad_handle, tmp_path)
+
+    message = str(excinfo.value)
+    assert message.startswith(f"Kaggle download of {bad_handle} failed: Invalid ")
+    assert "check data.kaggle_handle" in message
+    assert "\n" not in message
+
+
+def test_an_http_error_without_a_message_is_still_one_line(tmp_path, fake_dataset_download):
+    message = _kaggle_error(tmp_path, _http_error(500, ""), fake_dataset_download)
+
+    assert message == f"Kaggle download of {HANDLE} failed: KaggleApiHTTPError"
 
 
 def test_a_corrupted_kaggle_download_is_one_line(tmp_path, fake_dataset_download):

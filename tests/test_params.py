@@ -94,9 +94,9 @@ def test_as_dict_round_trips_through_parse_params():
 @pytest.mark.parametrize(
     ("raw", "key", "allowed"),
     [
-        ({**committed_raw(), "trainn": {"seed": 1}}, "params.trainn", "data, split, preprocess, train,"),
-        (with_value("train_custom.lrr", 0.1), "params.train_custom.lrr", "epochs, batch_size, optimizer, lr,"),
-        (with_value("train_custom.augment.foo", 1), "params.train_custom.augment.foo", "enabled, rotation_deg,"),
+        ({**committed_raw(), "trainn": {"seed": 1}}, "trainn", "data, split, preprocess, train,"),
+        (with_value("train_custom.lrr", 0.1), "train_custom.lrr", "epochs, batch_size, optimizer, lr,"),
+        (with_value("train_custom.augment.foo", 1), "train_custom.augment.foo", "enabled, rotation_deg,"),
     ],
 )
 def test_unknown_keys_are_named_with_the_allowed_ones(raw, key, allowed):
@@ -109,18 +109,18 @@ def test_unknown_keys_are_named_with_the_allowed_ones(raw, key, allowed):
 @pytest.mark.parametrize(
     ("dotted", "value", "expected"),
     [
-        ("train_custom.epochs", "ten", "params.train_custom.epochs must be an integer, got 'ten'"),
-        ("train_custom.epochs", True, "params.train_custom.epochs must be an integer, got True"),
-        ("train_custom.epochs", 10.5, "params.train_custom.epochs must be an integer, got 10.5"),
-        ("train_custom.lr", "fast", "params.train_custom.lr must be a number, got 'fast'"),
-        ("train_custom.lr", False, "params.train_custom.lr must be a number, got False"),
-        ("train.channels_last", "yes", "params.train.channels_last must be true or false, got 'yes'"),
-        ("train.channels_last", 1, "params.train.channels_last must be true or false, got 1"),
-        ("data.source", None, "params.data.source must be a string, got None"),
-        ("data.classes", "COVID19", "params.data.classes must be a list of a string, got 'COVID19'"),
-        ("data.classes", ["COVID19", 2, "PNEUMONIA"], "params.data.classes[1] must be a string, got 2"),
-        ("train_custom", 5, "params.train_custom must be a mapping of keys, got 5"),
-        ("train_custom.augment", [], "params.train_custom.augment must be a mapping of keys, got []"),
+        ("train_custom.epochs", "ten", "train_custom.epochs must be an integer, got 'ten'"),
+        ("train_custom.epochs", True, "train_custom.epochs must be an integer, got True"),
+        ("train_custom.epochs", 10.5, "train_custom.epochs must be an integer, got 10.5"),
+        ("train_custom.lr", "fast", "train_custom.lr must be a number, got 'fast'"),
+        ("train_custom.lr", False, "train_custom.lr must be a number, got False"),
+        ("train.channels_last", "yes", "train.channels_last must be true or false, got 'yes'"),
+        ("train.channels_last", 1, "train.channels_last must be true or false, got 1"),
+        ("data.source", None, "data.source must be a string, got None"),
+        ("data.classes", "COVID19", "data.classes must be a list of a string, got 'COVID19'"),
+        ("data.classes", ["COVID19", 2, "PNEUMONIA"], "data.classes[1] must be a string, got 2"),
+        ("train_custom", 5, "train_custom must be a mapping of keys, got 5"),
+        ("train_custom.augment", [], "train_custom.augment must be a mapping of keys, got []"),
     ],
 )
 def test_wrong_types_name_the_key_and_expected_type(dotted, value, expected):
@@ -130,14 +130,18 @@ def test_wrong_types_name_the_key_and_expected_type(dotted, value, expected):
 @pytest.mark.parametrize(
     ("dotted", "value", "expected"),
     [
-        ("train_custom.lr", 0, "params.train_custom.lr is 0.0; allowed: > 0.0 and <= 10.0"),
-        ("train_custom.lr", -0.001, "params.train_custom.lr is -0.001; allowed: > 0.0 and <= 10.0"),
-        ("train_custom.lr", float("nan"), "params.train_custom.lr is nan; allowed: > 0.0 and <= 10.0"),
-        ("preprocess.image_size", 16, "params.preprocess.image_size is 16; allowed: >= 32 and <= 1024"),
-        ("preprocess.image_size", 4096, "params.preprocess.image_size is 4096; allowed: >= 32 and <= 1024"),
-        ("split.val_fraction", 0, "params.split.val_fraction is 0.0; allowed: > 0.0 and <= 0.5"),
-        ("train_finetune.patience", -1, "params.train_finetune.patience is -1; allowed: >= 0 and <= 10000"),
-        ("train_custom.augment.rotation_deg", 90, "params.train_custom.augment.rotation_deg is 90.0; allowed: >= 0.0 and <= 45.0"),
+        ("train_custom.lr", 0, "train_custom.lr is 0.0; allowed: > 0.0 and <= 10.0"),
+        ("train_custom.lr", -0.001, "train_custom.lr is -0.001; allowed: > 0.0 and <= 10.0"),
+        ("train_custom.lr", float("nan"), "train_custom.lr is nan; allowed: > 0.0 and <= 10.0"),
+        ("preprocess.image_size", 16, "preprocess.image_size is 16; allowed: >= 32 and <= 1024"),
+        ("preprocess.image_size", 4096, "preprocess.image_size is 4096; allowed: >= 32 and <= 1024"),
+        ("split.val_fraction", 0, "split.val_fraction is 0.0; allowed: > 0.0 and <= 0.5"),
+        ("train_finetune.patience", -1, "train_finetune.patience is -1; allowed: >= 0 and <= 10000"),
+        (
+            "train_custom.augment.rotation_deg",
+            90,
+            "train_custom.augment.rotation_deg is 90.0; allowed: >= 0.0 and <= 45.0",
+        ),
     ],
 )
 def test_out_of_range_values_name_the_key_and_bounds(dotted, value, expected):
@@ -146,7 +150,12 @@ def test_out_of_range_values_name_the_key_and_bounds(dotted, value, expected):
 
 @pytest.mark.parametrize(
     ("dotted", "value"),
-    [("preprocess.image_size", 32), ("split.val_fraction", 0.5), ("train_finetune.patience", 0), ("train_custom.lr", 10)],
+    [
+        ("preprocess.image_size", 32),
+        ("split.val_fraction", 0.5),
+        ("train_finetune.patience", 0),
+        ("train_custom.lr", 10),
+    ],
 )
 def test_inclusive_bounds_are_accepted(dotted, value):
     params = parse_params(with_value(dotted, value))
@@ -165,7 +174,7 @@ def test_inclusive_bounds_are_accepted(dotted, value):
     ],
 )
 def test_unknown_choices_list_the_allowed_ones(dotted, value, allowed):
-    assert error_of(with_value(dotted, value)) == f"params.yaml: params.{dotted} is {value!r}; allowed: {allowed}"
+    assert error_of(with_value(dotted, value)) == f"params.yaml: {dotted} is {value!r}; allowed: {allowed}"
 
 
 @pytest.mark.parametrize("section", ["train_extract", "train_finetune"])
@@ -206,7 +215,7 @@ def test_classes_must_be_exactly_the_three_classes(classes):
 
 
 def test_a_missing_section_is_named():
-    assert error_of(without("evaluate")) == "params.yaml: missing section params.evaluate"
+    assert error_of(without("evaluate")) == "params.yaml: missing section evaluate"
 
 
 def test_load_params_reports_a_missing_file(tmp_path):
@@ -234,7 +243,7 @@ def test_load_params_validates_what_it_reads(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(with_value("train_custom.epochs", "ten")))
 
-    with pytest.raises(PipelineError, match=r"^params\.yaml: params\.train_custom\.epochs must be an integer"):
+    with pytest.raises(PipelineError, match=r"^params\.yaml: train_custom\.epochs must be an integer"):
         load_params(path)
 
 
@@ -245,7 +254,7 @@ def test_an_empty_file_reports_the_first_missing_section(tmp_path):
     with pytest.raises(PipelineError) as excinfo:
         load_params(path)
 
-    assert str(excinfo.value) == "params.yaml: missing section params.data"
+    assert str(excinfo.value) == "params.yaml: missing section data"
 
 
 def test_a_yaml_list_instead_of_a_mapping_is_rejected(tmp_path):
@@ -255,7 +264,7 @@ def test_a_yaml_list_instead_of_a_mapping_is_rejected(tmp_path):
     with pytest.raises(PipelineError) as excinfo:
         load_params(path)
 
-    assert str(excinfo.value) == "params.yaml: params must be a mapping of keys, got ['data', 'split']"
+    assert str(excinfo.value) == "params.yaml: the file must be a mapping of keys, got ['data', 'split']"
 
 
 def test_a_round_trip_through_a_written_file_keeps_every_value(tmp_path):

@@ -40,8 +40,8 @@ def error_of(call, *args) -> str:
         ("person123_bacteria_456.jpeg", "person123"),
         ("person7_virus_9.jpeg", "person7"),
         ("PERSON12_BACTERIA_3.JPEG", "person12"),
-        ("IM-0001-0001.jpeg", "IM-0001-0001"),
-        ("NORMAL2-IM-0012-0001.jpeg", "NORMAL2-IM-0012-0001"),
+        ("IM-0001-0001.jpeg", "im-0001"), ("IM-0001-0002.jpeg", "im-0001"),
+        ("NORMAL2-IM-0012-0001.jpeg", "normal2-im-0012"), ("covid-19-pneumonia-15.jpg", "covid-19-pneumonia-15"),
         ("covid19_001.jpg", "covid19_001"),
         ("person_unknown.jpeg", "person_unknown"),
         ("xperson1_bacteria_2.jpeg", "xperson1_bacteria_2"),
@@ -157,7 +157,10 @@ def test_a_patient_with_many_images_stays_in_one_split():
         for label in CLASSES
         for name in [f"{label.lower()}_{i}.jpg" for i in range(8)]
     ]
-    rows += [{"path": f"train/PNEUMONIA/person99_bacteria_{i}.jpeg", "label": "PNEUMONIA", "patient": "person99"} for i in range(10)]
+    rows += [
+        {"path": f"train/PNEUMONIA/person99_bacteria_{i}.jpeg", "label": "PNEUMONIA", "patient": "person99"}
+        for i in range(10)
+    ]
     frame = pd.DataFrame(rows)
 
     for seed in range(5):

@@ -22,6 +22,10 @@ SPLITS = ("train", "test")
 KaggleDownloader = Callable[[str, Path], Path]
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def kagglehub_download(handle: str, workdir: Path) -> Path:
     """Download a Kaggle dataset with ``kagglehub`` (public datasets need no credentials).
 
@@ -40,7 +44,12 @@ def kagglehub_download(handle: str, workdir: Path) -> Path:
                 f"Kaggle refused access to {handle} (HTTP {status}): set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and "
                 "KAGGLE_KEY, or put kaggle.json in ~/.kaggle/ (https://www.kaggle.com/settings/api)"
             ) from None
-        raise PipelineError(f"Kaggle download of {handle} failed: {str(err).splitlines()[0]}") from None
+        raise PipelineError(f"Kaggle download of {handle} failed: {_first_line(err)}") from None
+    except ValueError as err:
+        raise PipelineError(
+            f"Kaggle download of {handle} failed: {_first_line(err)}; check data.kaggle_handle "
+            "(owner/dataset or owner/dataset/versions/N)"
+        ) from None
     except DataCorruptionError:
         raise PipelineError(f"Kaggle download of {handle} was corrupted (checksum mismatch); run it again") from None
     except OSError as err:

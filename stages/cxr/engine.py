@@ -100,7 +100,6 @@ def train_one_epoch(
         labels.append(targets)
         probabilities.append(logits.detach().float().softmax(1).cpu())
         bar.update(len(y))
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     n = sum(len(t) for t in labels)
     return EpochResult(float(torch.stack(losses).sum()) / n, torch.cat(labels).numpy(), torch.cat(probabilities).numpy())

@@ -138,6 +138,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return [_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads ``1e-3`` (no dot) as a string; users mean the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise PipelineError(f"params.yaml: {key} must be {_type_name(tp)}, got {value!r}")
     return value
@@ -154,19 +160,24 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
         raise PipelineError(f"params.yaml: {key} is {value!r}; allowed: {lower} and <= {high}")
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise PipelineError(f"params.yaml: {prefix} must be a mapping of keys, got {raw!r}")
+        raise PipelineError(f"params.yaml: {prefix or 'the file'} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
+        where = f"in {prefix}" if prefix else "at the top level"
         raise PipelineError(
-            f"params.yaml: unknown key {prefix}.{unknown[0]}; allowed keys in {prefix}: {', '.join(fields)}"
+            f"params.yaml: unknown key {_join(prefix, unknown[0])}; allowed keys {where}: {', '.join(fields)}"
         )
     values = {}
     for name, spec in fields.items():
-        key = f"{prefix}.{name}"
+        key = _join(prefix, name)
         if name not in raw:
             if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
                 raise PipelineError(f"params.yaml: missing section {key}")
@@ -187,7 +198,7 @@ def _check_weights(section: str, weights: str) -> None:
 
 def parse_params(raw: dict[str, Any]) -> Params:
     """Validate a params mapping (as read from YAML) and return typed params."""
-    params = _build(Params, raw, "params")
+    params = _build(Params, raw, "")
     if sorted(params.data.classes) != sorted(CLASSES) or len(params.data.classes) != len(CLASSES):
         raise PipelineError(f"params.yaml: data.classes must list exactly {', '.join(CLASSES)}")
     if params.train_custom.weights != "none":

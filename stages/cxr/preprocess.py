@@ -72,7 +72,7 @@ def load_split(processed_dir: Path, split: str, classes: Sequence[str]) -> tuple
     if not array_path.exists() or not csv_path.exists():
         raise PipelineError(f"{processed_dir}: no preprocessed {split} split; run `dvc repro preprocess` first")
     images = np.load(array_path)
-    rows = pd.read_csv(csv_path)
+    rows = pd.read_csv(csv_path, dtype=str)
     unknown = sorted(set(rows["label"]) - set(classes))
     if unknown:
         raise PipelineError(f"{csv_path}: label {unknown[0]!r} is not one of {', '.join(classes)}")

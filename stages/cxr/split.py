@@ -18,14 +18,20 @@ from sklearn.model_selection import StratifiedGroupKFold
 from cxr.errors import PipelineError
 from cxr.images import is_candidate_image
 
-PATIENT_PATTERN = re.compile(r"^(person\d+)_", re.IGNORECASE)
+PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_", re.IGNORECASE),  # person123_bacteria_456.jpeg
+    re.compile(r"^((?:normal2-)?im-\d+)-", re.IGNORECASE),  # IM-0117-0001.jpeg, NORMAL2-IM-1345-0001-0002.jpeg
+)
 SPLIT_NAMES = ("train", "val", "test")
 
 
 def patient_id(file_name: str) -> str:
-    """The patient a file belongs to: ``personN`` when the name carries it, else the file itself."""
-    match = PATIENT_PATTERN.match(file_name)
-    return match.group(1).lower() if match else Path(file_name).stem
+    """The patient a file belongs to when the name carries it (Kermany names), else the file itself."""
+    for pattern in PATIENT_PATTERNS:
+        match = pattern.match(file_name)
+        if match:
+            return match.group(1).lower()
+    return Path(file_name).stem
 
 
 def index_split(root: Path, split: str, classes: Sequence[str]) -> pd.DataFrame:
