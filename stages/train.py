@@ -14,7 +14,8 @@ def main() -> None:
     parser.add_argument("approach", choices=APPROACHES)
     approach = parser.parse_args().approach
     summary = train_approach(
-        approach, load_params(), paths.PROCESSED, paths.model_file(approach), paths.live_dir(approach)
+        approach, load_params(), paths.PROCESSED, paths.model_file(approach), paths.live_dir(approach),
+        resume_path=paths.resume_file(approach),
     )
     logging.getLogger("train").info("%s: best epoch %s, summary %s", approach, summary["epoch"], summary)
 

@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
+
+from cxr.preprocess import save_split
 
 CLASSES = ("COVID19", "NORMAL", "PNEUMONIA")
 
@@ -148,3 +151,14 @@ def kaggle_tree(tmp_path: Path) -> Path:
 def kaggle_zip(tmp_path: Path) -> Path:
     """A zip of a default synthetic data set with ``Data/`` at the top of the archive."""
     return make_kaggle_zip(tmp_path)
+
+
+def write_processed(folder: Path, per_class: dict[str, int], size: int = 32) -> None:
+    """Synthetic preprocessed splits whose classes differ in brightness, so they are learnable."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        labels = np.repeat(np.arange(len(CLASSES)), count)
+        images = rng.integers(0, 60, size=(len(labels), size, size)) + labels[:, None, None] * 80
+        rows = pd.DataFrame({"path": [f"{split}/{i}.jpg" for i in range(len(labels))],
+                             "label": np.asarray(CLASSES)[labels], "patient": [str(i) for i in range(len(labels))]})
+        save_split(folder, split, images.astype(np.uint8), rows)

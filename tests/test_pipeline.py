@@ -129,7 +129,7 @@ def test_bad_param_stops_the_stage_with_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: params.yaml: unknown key params.train_custom.optimiser; allowed keys in params.train_custom: "
         "epochs, batch_size, optimizer, lr, weight_decay, scheduler, patience, label_smoothing, weights, width, "
-        "dropout, augment"
+        "dropout, cache_embeddings, augment"
     ]
 
 

@@ -13,22 +13,11 @@ import yaml
 from cxr.errors import PipelineError
 from cxr.models import load_checkpoint, model_from_checkpoint
 from cxr.params import CLASSES, parse_params
-from cxr.preprocess import save_split
 from cxr.train import compute_embeddings, load_tensors, train_approach
+from conftest import write_processed
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 32
-
-
-def write_processed(folder: Path, per_class: dict[str, int]) -> None:
-    """Synthetic preprocessed splits whose classes differ in brightness, so they are learnable."""
-    rng = np.random.default_rng(0)
-    for split, count in per_class.items():
-        labels = np.repeat(np.arange(len(CLASSES)), count)
-        images = rng.integers(0, 60, size=(len(labels), SIZE, SIZE)) + labels[:, None, None] * 80
-        rows = pd.DataFrame({"path": [f"{split}/{i}.jpg" for i in range(len(labels))],
-                             "label": np.asarray(CLASSES)[labels], "patient": [str(i) for i in range(len(labels))]})
-        save_split(folder, split, images.astype(np.uint8), rows)
+SIZE = 32  # matches conftest.write_processed
 
 
 def tiny_params(**sections):

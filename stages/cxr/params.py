@@ -95,6 +95,7 @@ class TrainParams:
     weights: str = "none"
     width: int = field(default=32, metadata=_range(4, 512))
     dropout: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    cache_embeddings: bool = True
     augment: AugmentParams = field(default_factory=AugmentParams)
 
 

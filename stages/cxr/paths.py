@@ -18,6 +18,10 @@ def model_file(approach: str) -> Path:
     return MODELS / f"{approach}.pt"
 
 
+def resume_file(approach: str) -> Path:
+    return MODELS / f"{approach}.resume.pt"
+
+
 def live_dir(approach: str) -> Path:
     return PLOTS / approach
 

@@ -8,6 +8,8 @@ frozen body every epoch, many times faster.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -113,12 +115,46 @@ def compute_embeddings(model: Classifier, split: SplitTensors, batch_size: int, 
     return SplitTensors(torch.cat(chunks), split.labels)
 
 
-def _log_epoch(live: Live, train: EpochResult, val: EpochResult) -> None:
-    for prefix, result in (("train", train), ("val", val)):
-        live.log_metric(f"{prefix}/loss", round(result.loss, 6))
-        live.log_metric(f"{prefix}/accuracy", round(result.accuracy, 6))
-        live.log_metric(f"{prefix}/macro_f1", round(result.macro_f1, 6))
-    live.next_step()
+def _fingerprint(approach: str, params: Params, image_size: int, sizes: tuple[int, int]) -> str:
+    """What a resumable run must share with the interrupted one: recipe, seed, classes and data shape."""
+    identity = {
+        "approach": approach,
+        "recipe": as_dict(params.approach(approach)),
+        "seed": params.train.seed,
+        "classes": list(params.data.classes),
+        "image_size": image_size,
+        "sizes": list(sizes),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def load_resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The last complete epoch of an interrupted run with the same fingerprint, else None."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # an unreadable resume file only means "start from scratch"
+        log.warning("ignoring unreadable resume state %s", path)
+        return None
+    if state.get("fingerprint") != fingerprint or state.get("finished"):
+        return None
+    return state
+
+
+def _log_history(live: Live, history: list[dict[str, float]]) -> None:
+    for row in history:
+        for name, value in row.items():
+            live.log_metric(name, value)
+        live.next_step()
+
+
+def _epoch_row(train: EpochResult, val: EpochResult) -> dict[str, float]:
+    return {
+        f"{prefix}/{name}": round(getattr(result, name), 6)
+        for prefix, result in (("train", train), ("val", val))
+        for name in ("loss", "accuracy", "macro_f1")
+    }
 
 
 def train_approach(
@@ -127,10 +163,16 @@ def train_approach(
     processed_dir: Path,
     model_path: Path,
     live_dir: Path,
+    resume_path: Path | None = None,
     imagenet: Callable[[], dict[str, torch.Tensor]] = imagenet_state_dict,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``approach`` per ``params`` and save its best epoch (by validation macro-F1).
+
+    After every epoch the whole training state (model, optimizer, scheduler, random
+    generators, early-stopping counters, learning-curve history) goes to ``resume_path``;
+    a killed run started again with the same params resumes from the last complete epoch
+    and ends exactly where an uninterrupted run would.
 
     Returns a summary (best epoch, its validation scores, epochs run, whether embeddings were cached).
     """
@@ -140,17 +182,22 @@ def train_approach(
     classes = list(params.data.classes)
     train_split = load_tensors(processed_dir, "train", classes)
     val_split = load_tensors(processed_dir, "val", classes)
-
     image_size = int(train_split.inputs.shape[-1])
+    fingerprint = _fingerprint(approach, params, image_size, (len(train_split), len(val_split)))
+    resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
+
     model_args = model_args_for(approach, recipe, train_split.inputs, len(classes))
-    backbone = backbone_weights(recipe.weights, imagenet) if model_args["arch"] == "resnet18" else None
+    needs_backbone = model_args["arch"] == "resnet18" and resumed is None
+    backbone = backbone_weights(recipe.weights, imagenet) if needs_backbone else None
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     model = build_model(**model_args, backbone_state=backbone).to(device, memory_format=memory_format)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
     frozen = approach == "extract"
     if frozen:
         model.freeze_body()
 
-    cached = frozen and not recipe.augment.enabled
+    cached = frozen and recipe.cache_embeddings and not recipe.augment.enabled
     if cached:
         log.info("extract: caching the frozen body's embeddings once per split, then training the head on them")
         train_split = compute_embeddings(model, train_split, params.evaluate.batch_size, device, memory_format)
@@ -158,24 +205,49 @@ def train_approach(
         step_model: nn.Module = model.head
     else:
         if frozen:
-            log.info("extract: augmentation is enabled, so the frozen body runs on every batch (no embedding cache)")
+            log.info("extract: the frozen body runs on every batch (augmentation on or cache_embeddings off)")
         step_model = torch.compile(model) if runtime.compile else model
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(recipe, trainable)
-    steps_per_epoch = math.ceil(len(train_split) / recipe.batch_size)
-    scheduler = make_scheduler(recipe, optimizer, steps_per_epoch)
-    train_loss = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    eval_loss = nn.CrossEntropyLoss()
+    optimizer = make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad])
+    scheduler = make_scheduler(recipe, optimizer, math.ceil(len(train_split) / recipe.batch_size))
     order = torch.Generator().manual_seed(runtime.seed)
     augment_rng = torch.Generator().manual_seed(runtime.seed + 1)
+    progress_state: dict[str, Any] = {"epoch": 0, "best": {"epoch": -1, "val_macro_f1": -1.0}, "stale": 0, "history": []}
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resumed["scheduler"])
+        order.set_state(resumed["order_rng"])
+        augment_rng.set_state(resumed["augment_rng"])
+        torch.set_rng_state(resumed["torch_rng"])
+        progress_state = {k: resumed[k] for k in progress_state}
+        log.info("%s: resuming after epoch %d from %s", approach, progress_state["epoch"], resume_path)
+
+    train_loss = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    eval_loss = nn.CrossEntropyLoss()
     transform = None if cached or not recipe.augment.enabled else (lambda x: augment_batch(x, recipe.augment, augment_rng))
     common = {"device": device, "amp": runtime.amp, "memory_format": memory_format, "progress": progress}
 
-    best: dict[str, Any] = {"epoch": -1, "val_macro_f1": -1.0}
-    stale, epochs_run = 0, 0
+    def save_resume_state(finished: bool) -> None:
+        state = {
+            "fingerprint": fingerprint,
+            "finished": finished,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "order_rng": order.get_state(),
+            "augment_rng": augment_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            **progress_state,
+        }
+        atomic_write(resume_path, lambda tmp: torch.save(state, tmp))
+
+    best = progress_state["best"]
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        for epoch in range(recipe.epochs):
+        _log_history(live, progress_state["history"])
+        for epoch in range(progress_state["epoch"], recipe.epochs):
+            if recipe.patience and progress_state["stale"] >= recipe.patience:
+                break
             started = time.perf_counter()
             train_result = train_one_epoch(
                 step_model,
@@ -187,17 +259,16 @@ def train_approach(
                 step_model, iterate_batches(val_split.inputs, val_split.labels, params.evaluate.batch_size),
                 len(val_split), eval_loss, desc="val", **common,
             )
-            elapsed = time.perf_counter() - started
-            epochs_run = epoch + 1
-            _log_epoch(live, train_result, val_result)
+            row = _epoch_row(train_result, val_result)
+            _log_history(live, [row])
             log.info(
                 "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f img/s",
-                approach, epochs_run, recipe.epochs, train_result.loss, train_result.accuracy,
-                val_result.loss, val_result.accuracy, val_result.macro_f1, len(train_split) / elapsed,
+                approach, epoch + 1, recipe.epochs, train_result.loss, train_result.accuracy,
+                val_result.loss, val_result.accuracy, val_result.macro_f1,
+                len(train_split) / (time.perf_counter() - started),
             )
             if val_result.macro_f1 > best["val_macro_f1"]:
-                best = {"epoch": epochs_run, "val_macro_f1": val_result.macro_f1, "val_accuracy": val_result.accuracy}
-                stale = 0
+                best = {"epoch": epoch + 1, "val_macro_f1": val_result.macro_f1, "val_accuracy": val_result.accuracy}
                 checkpoint = {
                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "model_args": model_args,
@@ -208,12 +279,17 @@ def train_approach(
                     **best,
                 }
                 atomic_write(model_path, lambda tmp: torch.save(checkpoint, tmp))
+                progress_state["stale"] = 0
             else:
-                stale += 1
-                if recipe.patience and stale >= recipe.patience:
-                    log.info("%s: no validation macro-F1 gain for %d epochs; stopping early", approach, stale)
-                    break
+                progress_state["stale"] += 1
+            progress_state.update(epoch=epoch + 1, best=best)
+            progress_state["history"].append(row)
+            if resume_path:
+                save_resume_state(finished=False)
     if best["epoch"] < 0:
         raise PipelineError(f"{approach}: training produced no checkpoint")
-    return {**best, "epochs_run": epochs_run, "cached_embeddings": cached}
-
+    if progress_state["stale"] and recipe.patience and progress_state["stale"] >= recipe.patience:
+        log.info("%s: stopped early, no validation macro-F1 gain for %d epochs", approach, progress_state["stale"])
+    if resume_path:
+        save_resume_state(finished=True)
+    return {**best, "epochs_run": progress_state["epoch"], "cached_embeddings": cached}
