@@ -4,7 +4,7 @@ import pandas as pd
 
 from cxr import paths
 from cxr.cli import run
-from cxr.files import atomic_write, write_json
+from cxr.files import atomic_write, read_json, write_json
 from cxr.params import load_params
 from cxr.preprocess import preprocess_split, save_split
 from cxr.split import SPLIT_NAMES, class_counts
@@ -15,7 +15,7 @@ def main() -> None:
     classes = params.data.classes
     listed, kept, skipped = {}, {}, []
     for split in SPLIT_NAMES:
-        listed[split] = pd.read_csv(paths.SPLITS / f"{split}.csv", dtype=str)
+        listed[split] = pd.read_csv(paths.AUDITED / f"{split}.csv", dtype=str)
         images, kept[split], failures = preprocess_split(
             paths.RAW, listed[split], params.preprocess.image_size, params.preprocess.workers, split, classes
         )
@@ -30,6 +30,7 @@ def main() -> None:
             "processed": class_counts(kept, classes),
             "skipped": {split: int((report["split"] == split).sum()) for split in SPLIT_NAMES},
             "image_size": params.preprocess.image_size,
+            "audit": read_json(paths.AUDIT_SUMMARY),
         },
     )
 

@@ -77,7 +77,7 @@ def ran_stages(log: str) -> set[str]:
 def check_outputs(project: Path) -> None:
     """Every declared output exists and the table agrees with metrics recomputed from predictions."""
     for path in ("data/raw/train", "data/split/val.csv", "data/processed/test.npy", "metrics/data.json",
-                 "reports/skipped_images.csv", "metrics/summary.md", "plots/compare.png"):
+                 "reports/skipped_images.csv", "reports/duplicates.csv", "metrics/summary.md", "plots/compare.png"):
         assert (project / path).exists(), path
     summary = pd.read_csv(project / "metrics" / "summary.csv")
     for row, approach in zip(summary.itertuples(index=False), APPROACHES):
@@ -98,7 +98,7 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path):
 
     first = sh(project, "dvc", "repro")
     assert ran_stages(first) == {
-        "download", "split", "preprocess", "train_custom", "train_extract", "train_finetune",
+        "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
         "evaluate@custom", "evaluate@extract", "evaluate@finetune", "compare",
     }
     check_outputs(project)

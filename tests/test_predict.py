@@ -31,10 +31,8 @@ def checkpoint_path(tmp_path: Path) -> Path:
     with torch.no_grad():  # spread the logits so the predicted class differs between images
         model.head[1].weight.mul_(50.0)
     path = tmp_path / "model.pt"
-    torch.save(
-        {"model": model.state_dict(), "model_args": model_args, "classes": CLASSES, "image_size": IMAGE_SIZE, "approach": "custom"},
-        path,
-    )
+    checkpoint = {"model": model.state_dict(), "model_args": model_args, "classes": CLASSES}
+    torch.save({**checkpoint, "image_size": IMAGE_SIZE, "approach": "custom"}, path)
     return path
 
 
@@ -96,7 +94,8 @@ def test_folder_scan_is_recursive_sorted_and_skips_junk(inputs):
 
 
 def test_table_has_one_row_per_good_image_and_bad_file_is_skipped_once(checkpoint_path, inputs, capsys):
-    main([str(checkpoint_path), str(inputs["folder"]), str(inputs["corrupt"]), str(inputs["lone"]), "--batch-size", "2"])
+    paths = [inputs["folder"], inputs["corrupt"], inputs["lone"]]
+    main([str(checkpoint_path), *map(str, paths), "--batch-size", "2"])
     out, err = capsys.readouterr()
     header, *rows = out.strip().splitlines()
     assert header.split() == ["path", "predicted", *CLASSES]

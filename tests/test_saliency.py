@@ -10,18 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.models import build_model
+from cxr.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from cxr.saliency import gallery, gradcam_heatmaps, misclassified, overlay, select_examples
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 
 
 def _tiny_cnn():
+    """The custom CNN downsamples 32x, so 64 px images give a 2x2 map (1x1 could not localise anything)."""
     torch.manual_seed(0)
     return build_model("custom_cnn", 3, [0.5], [0.25], width=8)
 
 
-def _images(count: int, height: int = 32, width: int = 32, seed: int = 0) -> torch.Tensor:
+def _images(count: int, height: int = 64, width: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.rand(count, 1, height, width, generator=torch.Generator().manual_seed(seed))
 
 
@@ -81,9 +82,9 @@ def test_heatmaps_have_image_size_and_range_and_model_is_restored():
     model.body[0].requires_grad_(False)
     flags, modes, state = _flags(model), _modes(model), _state(model)
 
-    heatmaps = gradcam_heatmaps(model, _images(5, 40, 48), batch_size=2)
+    heatmaps = gradcam_heatmaps(model, _images(5, 64, 96), batch_size=2)
 
-    _check_heatmaps(heatmaps, 5, 40, 48)
+    _check_heatmaps(heatmaps, 5, 64, 96)
     assert _flags(model) == flags
     assert _modes(model) == modes and model.training
     assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
@@ -100,7 +101,7 @@ def test_heatmaps_explain_the_predicted_class_unless_told_otherwise():
 
     assert np.allclose(gradcam_heatmaps(model, images), gradcam_heatmaps(model, images, predicted))
     chosen = gradcam_heatmaps(model, images, other)
-    _check_heatmaps(chosen, 4, 32, 32)
+    _check_heatmaps(chosen, 4, 64, 64)
     assert not np.allclose(chosen, gradcam_heatmaps(model, images))
     assert not model.training
 
@@ -113,7 +114,7 @@ def test_heatmaps_do_not_depend_on_batch_size():
 
 def test_heatmaps_work_for_frozen_resnet_body():
     torch.manual_seed(0)
-    model = build_model("resnet18", 3, [0.5], [0.25])
+    model = build_model("resnet18", 3, IMAGENET_MEAN, IMAGENET_STD)
     model.freeze_body()
     model.train()
     flags, modes = _flags(model), _modes(model)
@@ -128,7 +129,7 @@ def test_heatmaps_work_for_frozen_resnet_body():
 def test_heatmaps_work_under_no_grad_and_for_empty_input():
     model = _tiny_cnn()
     with torch.no_grad():
-        _check_heatmaps(gradcam_heatmaps(model, _images(2)), 2, 32, 32)
+        _check_heatmaps(gradcam_heatmaps(model, _images(2)), 2, 64, 64)
     assert gradcam_heatmaps(model, torch.zeros(0, 1, 32, 32)).shape == (0, 32, 32)
 
 

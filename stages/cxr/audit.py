@@ -211,3 +211,26 @@ def drop_leaking_rows(frame: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
         doomed.add(min(sides, key=lambda side: SPLIT_ORDER.index(side[1])))
     keep = [(path, split) not in doomed for path, split in zip(frame["path"], frame["split"])]
     return frame[np.array(keep, dtype=bool)]
+
+
+def audit_splits(
+    root: Path, splits: dict[str, pd.DataFrame], threshold: int, workers: int, dedupe: bool
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, dict[str, object]]:
+    """Hash every listed image, find cross-split near-duplicates and optionally drop them.
+
+    Returns the (possibly reduced) split tables, the pairs found and a summary for
+    ``metrics/data.json``. Unreadable files are left in the tables: preprocessing reports them.
+    """
+    frame = pd.concat([table.assign(split=name) for name, table in splits.items()], ignore_index=True)
+    result = hash_images([root / path for path in frame["path"]], workers)
+    pairs = find_cross_split_duplicates(frame[result.ok].reset_index(drop=True), result.hashes[result.ok], threshold)
+    kept = drop_leaking_rows(frame, pairs) if dedupe else frame
+    audited = {name: kept[kept["split"] == name].drop(columns="split").reset_index(drop=True) for name in splits}
+    summary = {
+        "threshold": threshold,
+        "pairs": count_by_split_pair(pairs),
+        "unhashable": len(result.failures),
+        "dedupe": dedupe,
+        "dropped": {name: len(splits[name]) - len(audited[name]) for name in splits},
+    }
+    return audited, pairs, summary

@@ -47,6 +47,15 @@ class DataParams:
 class SplitParams:
     val_fraction: float = field(default=0.15, metadata=_range(0.0, 0.5, open_low=True))
     seed: int = 42
+    dedupe: bool = False
+
+
+@dataclass(frozen=True)
+class AuditParams:
+    """Near-duplicate search across splits (perceptual hash, Hamming distance in bits of 64)."""
+
+    threshold: int = field(default=4, metadata=_range(0, 64))
+    workers: int = field(default=2, metadata=_range(1, 256))
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class EvaluateParams:
 class Params:
     data: DataParams
     split: SplitParams
+    audit: AuditParams
     preprocess: PreprocessParams
     train: RuntimeParams
     train_custom: TrainParams

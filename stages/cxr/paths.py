@@ -4,6 +4,9 @@ from pathlib import Path
 
 RAW = Path("data/raw")
 SPLITS = Path("data/split")
+AUDITED = Path("data/audited")
+AUDIT_SUMMARY = AUDITED / "audit.json"
+DUPLICATES_REPORT = Path("reports/duplicates.csv")
 PROCESSED = Path("data/processed")
 MODELS = Path("models")
 METRICS = Path("metrics")

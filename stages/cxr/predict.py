@@ -255,10 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
         "COVID19 / NORMAL / PNEUMONIA with a checkpoint trained by this pipeline.",
     )
     parser.add_argument("model", type=Path, help="checkpoint written by a training stage (models/<approach>.pt)")
-    parser.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders (searched recursively)")
+    parser.add_argument(
+        "inputs", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders (searched recursively)"
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("--gradcam", type=Path, metavar="OUT_DIR", help="save a Grad-CAM overlay per image into OUT_DIR")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="images per forward pass (default %(default)s)")
+    parser.add_argument(
+        "--gradcam", type=Path, metavar="OUT_DIR", help="save a Grad-CAM overlay per image into OUT_DIR"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="images per chunk (default %(default)s)"
+    )
     return parser
 
 
@@ -266,7 +272,8 @@ def _predict_command(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     paths = find_images(args.inputs)
     if not paths:
-        raise PipelineError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, args.inputs))}")
+        suffixes, searched = ", ".join(sorted(IMAGE_SUFFIXES)), ", ".join(map(str, args.inputs))
+        raise PipelineError(f"no image files ({suffixes}) found in {searched}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(args.model, device)
     classes = checkpoint_classes(checkpoint)

@@ -207,7 +207,7 @@ def gallery(
                 continue
             example = examples.iloc[position]
             ax.imshow(overlay(images_uint8[position], heatmaps[position]))
-            ax.set_title(f"{example['label']}→{example['predicted']}\n{example['confidence']:.2f}", fontsize=7)
+            ax.set_title(f"{example['label']}→{example['predicted']}\n{example['confidence']:.2f}", fontsize=6.5)
         for row, name in enumerate(classes):
             axes[row, 0].text(-0.08, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, ha="right", va="center")
         figure.suptitle(f"{title}\nper true class: {width} correct (left), {width} wrong (right)", fontsize=9)
