@@ -5,7 +5,8 @@ import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from cxr.compare import bar_chart, summary_table, to_markdown
-from cxr.evaluation import classification_metrics, predictions_frame, probabilities_of
+from cxr.evaluation import classification_metrics
+from cxr.predictions import predictions_frame, probabilities_of
 from cxr.params import CLASSES
 
 

@@ -94,7 +94,7 @@ def test_as_dict_round_trips_through_parse_params():
 @pytest.mark.parametrize(
     ("raw", "key", "allowed"),
     [
-        ({**committed_raw(), "trainn": {"seed": 1}}, "trainn", "data, split, preprocess, train,"),
+        ({**committed_raw(), "trainn": {"seed": 1}}, "trainn", "data, split, audit, preprocess, train,"),
         (with_value("train_custom.lrr", 0.1), "train_custom.lrr", "epochs, batch_size, optimizer, lr,"),
         (with_value("train_custom.augment.foo", 1), "train_custom.augment.foo", "enabled, rotation_deg,"),
     ],

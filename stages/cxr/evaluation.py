@@ -15,10 +15,8 @@ from torch import nn
 from cxr.engine import evaluate, iterate_batches
 from cxr.errors import PipelineError
 from cxr.models import load_checkpoint, model_from_checkpoint
+from cxr.predictions import predictions_frame
 from cxr.preprocess import load_split
-
-PROB_PREFIX = "prob_"
-
 
 def predict_split(
     model_path: Path, processed_dir: Path, split: str, classes: Sequence[str], batch_size: int, device: torch.device
@@ -43,20 +41,6 @@ def predict_split(
         desc=f"{checkpoint['approach']} {split}",
     )
     return predictions_frame(rows["path"], labels, result.probabilities, classes), checkpoint
-
-
-def predictions_frame(paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
-    """One row per image: path, true and predicted class, and each class's probability."""
-    frame = pd.DataFrame({"path": list(paths), "label": np.asarray(classes)[labels]})
-    frame["predicted"] = np.asarray(classes)[probabilities.argmax(axis=1)]
-    for index, name in enumerate(classes):
-        frame[f"{PROB_PREFIX}{name}"] = probabilities[:, index].round(6)
-    return frame
-
-
-def probabilities_of(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
-    """The class-probability columns of a predictions table as an (N, classes) array."""
-    return frame[[f"{PROB_PREFIX}{name}" for name in classes]].to_numpy(np.float64)
 
 
 def classification_metrics(true: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:

@@ -28,34 +28,15 @@ from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_curve  # noqa: E402
 
 from cxr.errors import PipelineError  # noqa: E402
+from cxr.predictions import probabilities_of  # noqa: E402
 from cxr.stats import encode_labels, expected_calibration_error, reliability_bins, roc_auc_per_class  # noqa: E402
 
 DPI = 100
 CURVE_DECIMALS = 5
 ROC_COLUMNS = ["model", "class", "fpr", "tpr"]
 PR_COLUMNS = ["model", "class", "recall", "precision"]
-_PROB_PREFIX = "prob_"
 # PNG text chunks matplotlib would add; "Software" carries the matplotlib version.
 _PNG_METADATA = {"Software": None}
-
-
-# ---------------------------------------------------------------------------------------
-# Reading predictions tables
-# ---------------------------------------------------------------------------------------
-
-
-def _probabilities(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
-    """The ``prob_<class>`` columns as an (N, classes) array, in class order.
-
-    Kept here rather than imported from ``cxr.evaluation`` so that plotting does not pull in torch.
-    """
-    columns = [f"{_PROB_PREFIX}{name}" for name in classes]
-    missing = [column for column in [*columns, "label"] if column not in frame.columns]
-    if missing:
-        raise PipelineError(f"predictions table lacks column(s) {missing}; has {list(frame.columns)}")
-    if frame.empty:
-        raise PipelineError("predictions table has no rows")
-    return frame[columns].to_numpy(np.float64)
 
 
 def _true_indices(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
@@ -141,7 +122,7 @@ def confusion_png(frame: pd.DataFrame, classes: Sequence[str], title: str, path:
 
 
 def _one_model_curves(model: str, frame: pd.DataFrame, classes: Sequence[str]) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
-    probs = _probabilities(frame, classes)
+    probs = probabilities_of(frame, classes)
     y_true = _true_indices(frame, classes)
     roc_parts, pr_parts = [], []
     for index, name in _defined_classes(y_true, classes):
@@ -190,7 +171,7 @@ def curve_legend_labels(frames: Mapping[str, pd.DataFrame], classes: Sequence[st
     """
     labels: dict[str, dict[str, tuple[str, str]]] = {name: {} for name in classes}
     for model, frame in frames.items():
-        probs = _probabilities(frame, classes)
+        probs = probabilities_of(frame, classes)
         y_true = _true_indices(frame, classes)
         aucs = roc_auc_per_class(y_true, probs, classes)
         for index, name in enumerate(classes):
@@ -292,7 +273,7 @@ def reliability_png(
         raise ValueError(f"calibrated probabilities for unknown model(s) {unknown}; models are {list(frames)}")
     with _figure(path, 1, len(frames), (4.2 * len(frames), 4.4)) as (_, axes):
         for ax, (model, frame) in zip(axes[0], frames.items()):
-            probs = _probabilities(frame, classes)
+            probs = probabilities_of(frame, classes)
             y_true = _true_indices(frame, classes)
             ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
             _plot_reliability(ax, probs, y_true, n_bins, "as predicted", "C0")

@@ -24,7 +24,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 from torch import nn  # noqa: E402
 
 from cxr.errors import PipelineError  # noqa: E402
-from cxr.evaluation import PROB_PREFIX  # noqa: E402
+from cxr.predictions import PROB_PREFIX  # noqa: E402
 from cxr.models import Classifier  # noqa: E402
 
 OUTCOMES = ("correct", "wrong")
