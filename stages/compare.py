@@ -1,19 +1,52 @@
-"""Stage compare: the results table (Markdown + CSV) and a grouped bar chart."""
+"""Stage compare: ensemble row, results table with confidence intervals and significance, figures, report."""
+
+import pandas as pd
 
 from cxr import paths
 from cxr.cli import run
-from cxr.compare import bar_chart, summary_table, to_markdown
-from cxr.files import atomic_write, read_json, write_text
-from cxr.params import APPROACHES
+from cxr.compare import MODEL_NAMES, bar_chart, report_markdown, summary_markdown, summary_table
+from cxr.comparison import ENSEMBLE, ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
+from cxr.evaluation import classification_metrics
+from cxr.figures import confusion_png, reliability_png, roc_pr_png
+from cxr.files import atomic_write, write_json, write_text
+from cxr.params import APPROACHES, load_params
 
 
 def main() -> None:
-    table = summary_table({name: read_json(paths.metrics_file(name)) for name in APPROACHES})
-    markdown = to_markdown(table)
-    write_text(paths.METRICS / "summary.md", markdown)
-    atomic_write(paths.METRICS / "summary.csv", lambda tmp: table.round(6).to_csv(tmp, index=False))
+    params = load_params()
+    classes, settings = params.data.classes, params.compare
+    test = {name: pd.read_csv(paths.predictions_file(name)) for name in APPROACHES}
+    val = {name: pd.read_csv(paths.val_predictions_file(name)) for name in APPROACHES}
+    weights = ensemble_weights(val, classes, settings.ensemble_weights)
+    test[ENSEMBLE], val[ENSEMBLE] = ensemble_frame(test, classes, weights), ensemble_frame(val, classes, weights)
+    atomic_write(paths.predictions_file(ENSEMBLE), lambda tmp: test[ENSEMBLE].to_csv(tmp, index=False))
+
+    scores = {name: classification_metrics(frame["label"], frame["predicted"], classes) for name, frame in test.items()}
+    write_json(paths.metrics_file(ENSEMBLE), scores[ENSEMBLE])
+    reports = {
+        name: model_report(frame, classes, settings.bootstrap_resamples, settings.bootstrap_seed, settings.ece_bins)
+        for name, frame in test.items()
+    }
+    calibrated = {}
+    if settings.temperature_scaling:
+        for name in test:
+            reports[name]["calibration"], calibrated[name] = temperature_calibration(
+                val[name], test[name], classes, settings.ece_bins
+            )
+    mcnemar, sentences = paired_tests(test, MODEL_NAMES, settings.alpha)
+    write_json(paths.SUMMARY_JSON, {"models": reports, "mcnemar": mcnemar, "ensemble_weights": weights})
+
+    table = summary_table(scores)
+    summary = summary_markdown(table, reports, sentences, weights, classes, settings.bootstrap_resamples)
+    write_text(paths.SUMMARY_MD, summary)
+    atomic_write(paths.SUMMARY_CSV, lambda tmp: table.round(6).to_csv(tmp, index=False))
     bar_chart(table, paths.PLOTS / "compare.png")
-    print(markdown)
+    roc_pr_png(test, classes, paths.PLOTS / "roc_pr.png")
+    reliability_png(test, classes, paths.PLOTS / "reliability.png", settings.ece_bins, calibrated or None)
+    confusion_png(test[ENSEMBLE], classes, f"{MODEL_NAMES[ENSEMBLE]}: test confusion matrix",
+                  paths.evaluation_plots(ENSEMBLE) / "confusion.png")
+    write_text(paths.REPORT, report_markdown(summary, APPROACHES))
+    print(summary)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
-"""Stage evaluate@<approach>: test-set predictions and scores of one trained model."""
+"""Stage evaluate@<approach>: test scores, predictions, confusion matrix and Grad-CAM gallery of one model.
+
+Validation predictions are written too: the compare stage fits temperature scaling and
+ensemble weights on them, never on the test set.
+"""
 
 import argparse
 
 from cxr import paths
 from cxr.cli import run
-from cxr.evaluation import classification_metrics, predict_split
+from cxr.compare import MODEL_NAMES
+from cxr.evaluation import classification_metrics, load_trained_model, predict_split
+from cxr.figures import confusion_png
 from cxr.files import atomic_write, write_json
 from cxr.params import APPROACHES, load_params
 from cxr.runtime import select_device
+from cxr.saliency import gradcam_gallery, misclassified
 
 
 def main() -> None:
@@ -16,12 +23,21 @@ def main() -> None:
     approach = parser.parse_args().approach
     params = load_params()
     classes = params.data.classes
-    predictions, _ = predict_split(
-        paths.model_file(approach), paths.PROCESSED, "test", classes, params.evaluate.batch_size,
-        select_device(params.train.device),
-    )
-    atomic_write(paths.predictions_file(approach), lambda tmp: predictions.to_csv(tmp, index=False))
-    write_json(paths.metrics_file(approach), classification_metrics(predictions["label"], predictions["predicted"], classes))
+    device = select_device(params.train.device)
+    model, checkpoint = load_trained_model(paths.model_file(approach), classes, device)
+    predict = {"model": model, "checkpoint": checkpoint, "processed_dir": paths.PROCESSED, "classes": classes,
+               "batch_size": params.evaluate.batch_size, "device": device}
+    val = predict_split(split="val", **predict)
+    test = predict_split(split="test", **predict)
+
+    atomic_write(paths.val_predictions_file(approach), lambda tmp: val.table.to_csv(tmp, index=False))
+    atomic_write(paths.predictions_file(approach), lambda tmp: test.table.to_csv(tmp, index=False))
+    write_json(paths.metrics_file(approach), classification_metrics(test.table["label"], test.table["predicted"], classes))
+    atomic_write(paths.misclassified_file(approach), lambda tmp: misclassified(test.table, classes).to_csv(tmp, index=False))
+    plots = paths.evaluation_plots(approach)
+    confusion_png(test.table, classes, f"{MODEL_NAMES[approach]}: test confusion matrix", plots / "confusion.png")
+    gradcam_gallery(model.cpu(), test.images, test.table, classes, params.evaluate.gradcam_per_class,
+                    f"{MODEL_NAMES[approach]}: Grad-CAM on test images", plots / "gradcam.png")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from cxr.params import APPROACHES, CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI_ZIP = ROOT.parent / "shared" / "data" / "cxr3-mini.zip"
+MODELS = (*APPROACHES, "ensemble")
 PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore")
 
 pytestmark = pytest.mark.slow
@@ -76,16 +77,23 @@ def ran_stages(log: str) -> set[str]:
 
 def check_outputs(project: Path) -> None:
     """Every declared output exists and the table agrees with metrics recomputed from predictions."""
-    for path in ("data/raw/train", "data/split/val.csv", "data/processed/test.npy", "metrics/data.json",
-                 "reports/skipped_images.csv", "reports/duplicates.csv", "metrics/summary.md", "plots/compare.png"):
+    for path in ("data/raw/train", "data/split/val.csv", "data/audited/test.csv", "data/processed/test.npy",
+                 "metrics/data.json", "reports/skipped_images.csv", "reports/duplicates.csv", "metrics/summary.md",
+                 "metrics/summary.json", "reports/report.md", "plots/compare.png", "plots/roc_pr.png",
+                 "plots/reliability.png", "plots/evaluate/ensemble/confusion.png"):
         assert (project / path).exists(), path
-    summary = pd.read_csv(project / "metrics" / "summary.csv")
-    for row, approach in zip(summary.itertuples(index=False), APPROACHES):
+    for approach in APPROACHES:
         assert (project / "models" / f"{approach}.pt").is_file()
         assert (project / "plots" / approach / "plots" / "metrics" / "val" / "macro_f1.tsv").is_file()
-        predictions = pd.read_csv(project / "metrics" / "predictions" / f"{approach}.csv")
+        for figure in ("confusion.png", "gradcam.png"):
+            assert (project / "plots" / "evaluate" / approach / figure).is_file()
+        assert (project / "reports" / "misclassified" / f"{approach}.csv").is_file()
+    summary = pd.read_csv(project / "metrics" / "summary.csv")
+    assert len(summary) == len(MODELS)
+    for row, model in zip(summary.itertuples(index=False), MODELS):
+        predictions = pd.read_csv(project / "metrics" / "predictions" / f"{model}.csv")
         recomputed = classification_metrics(predictions["label"], predictions["predicted"], CLASSES)
-        assert read_json(project / "metrics" / f"{approach}.json") == recomputed
+        assert read_json(project / "metrics" / f"{model}.json") == recomputed
         assert row[1:] == pytest.approx(
             (recomputed["accuracy"], recomputed["precision_macro"], recomputed["recall_macro"], recomputed["f1_macro"]),
             abs=1e-6,

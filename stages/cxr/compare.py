@@ -1,8 +1,8 @@
-"""The results table (as in the reference write-up) and its bar chart."""
+"""The results table (as in the reference write-up), its uncertainty, its bar chart and the report."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ MODEL_NAMES = {
     "custom": "Custom CNN",
     "extract": "Feature extraction (ResNet-18)",
     "finetune": "Fine-tuning (ResNet-18)",
+    "ensemble": "Soft-voting ensemble",
 }
 COLUMNS = {
     "accuracy": "Accuracy",
@@ -62,3 +63,91 @@ def bar_chart(table: pd.DataFrame, path: Path) -> None:
     axes.figure.tight_layout()
     axes.figure.savefig(path, dpi=120)
     plt.close(axes.figure)
+
+
+def _ci(entry: Mapping[str, float]) -> str:
+    return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+
+
+def uncertainty_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """Accuracy and macro-F1 with 95% intervals, macro AUC and calibration, one row per model."""
+    lines = [
+        "| Model | Accuracy [95% CI] | F1-Score (Macro) [95% CI] | ROC AUC (macro) | ECE | ECE after temperature scaling |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name, report in reports.items():
+        calibration = report.get("calibration")
+        after = f"{calibration['ece_after']:.4f} (T = {calibration['temperature']:.2f})" if calibration else "-"
+        lines.append(
+            f"| {MODEL_NAMES.get(name, name)} | {_ci(report['accuracy'])} | {_ci(report['f1_macro'])} | "
+            f"{report['roc_auc']['macro']:.4f} | {report['ece']:.4f} | {after} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_class_markdown(reports: Mapping[str, Mapping[str, Any]], classes: Sequence[str]) -> str:
+    """Sensitivity (recall) and PPV (precision) per class with 95% intervals, and one-vs-rest AUC."""
+    lines = ["| Model | Class | Sensitivity [95% CI] | PPV [95% CI] | ROC AUC |", "|---|---|---|---|---:|"]
+    for name, report in reports.items():
+        for label in classes:
+            scores = report["per_class"][label]
+            lines.append(
+                f"| {MODEL_NAMES.get(name, name)} | {label} | {_ci(scores['sensitivity'])} | {_ci(scores['ppv'])} | "
+                f"{report['roc_auc'][label]:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(
+    table: pd.DataFrame, reports: Mapping[str, Mapping[str, Any]], sentences: Sequence[str],
+    weights: Mapping[str, float], classes: Sequence[str], resamples: int,
+) -> str:
+    """The whole comparison in Markdown: headline table, intervals, per-class scores, significance."""
+    weight_text = ", ".join(f"{MODEL_NAMES[name]} {weight:.3f}" for name, weight in weights.items())
+    return "\n".join([
+        to_markdown(table),
+        f"95% confidence intervals: stratified bootstrap, {resamples} resamples of the test set.\n",
+        uncertainty_markdown(reports),
+        per_class_markdown(reports, classes),
+        "Paired comparison on the same test images (exact McNemar test, Holm-corrected across all pairs):\n",
+        *[f"- {sentence}" for sentence in sentences],
+        "",
+        f"Ensemble: average of the three models' probabilities, weights {weight_text}.",
+        "",
+    ])
+
+
+def report_markdown(summary: str, approaches: Sequence[str]) -> str:
+    """``reports/report.md``: the summary plus every figure, readable without DVC."""
+    galleries = []
+    for name in approaches:
+        galleries += [
+            f"### {MODEL_NAMES[name]}",
+            "",
+            f"![confusion matrix](../plots/evaluate/{name}/confusion.png)",
+            "",
+            f"![Grad-CAM gallery](../plots/evaluate/{name}/gradcam.png)",
+            "",
+            f"Misclassified test images: [`misclassified/{name}.csv`](misclassified/{name}.csv).",
+            "",
+        ]
+    return "\n".join([
+        "# Chest X-ray classification: results",
+        "",
+        summary,
+        "## Figures",
+        "",
+        "![comparison](../plots/compare.png)",
+        "",
+        "![ROC and precision-recall curves](../plots/roc_pr.png)",
+        "",
+        "![reliability diagrams](../plots/reliability.png)",
+        "",
+        "![ensemble confusion matrix](../plots/evaluate/ensemble/confusion.png)",
+        "",
+        "## Per model: confusion matrix and Grad-CAM (last convolutional block)",
+        "",
+        *galleries,
+        "Learning curves: `dvc plots show` (from `plots/<approach>/`).",
+        "",
+    ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +19,33 @@ from cxr.models import load_checkpoint, model_from_checkpoint
 from cxr.predictions import predictions_frame
 from cxr.preprocess import load_split
 
-def predict_split(
-    model_path: Path, processed_dir: Path, split: str, classes: Sequence[str], batch_size: int, device: torch.device
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Run a saved model over a preprocessed split; returns the predictions table and the checkpoint."""
+def load_trained_model(model_path: Path, classes: Sequence[str], device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """A checkpoint written by training, checked against the params' classes, in eval mode on ``device``."""
     checkpoint = load_checkpoint(model_path)
     if list(checkpoint["classes"]) != list(classes):
         raise PipelineError(f"{model_path} was trained for classes {checkpoint['classes']}, params list {list(classes)}")
+    return model_from_checkpoint(checkpoint).to(device), checkpoint
+
+
+@dataclass
+class SplitPredictions:
+    """A split's uint8 images and the model's predictions table for them (same row order)."""
+
+    images: np.ndarray
+    table: pd.DataFrame
+
+
+def predict_split(
+    model: nn.Module, checkpoint: dict[str, Any], processed_dir: Path, split: str, classes: Sequence[str],
+    batch_size: int, device: torch.device,
+) -> SplitPredictions:
+    """Run a trained model over a preprocessed split."""
     images, labels, rows = load_split(processed_dir, split, classes)
     if images.shape[-1] != checkpoint["image_size"]:
         raise PipelineError(
-            f"{model_path} expects {checkpoint['image_size']} px images but {processed_dir} holds {images.shape[-1]} px; "
-            "rerun the training stage"
+            f"the {checkpoint['approach']} model expects {checkpoint['image_size']} px images but {processed_dir} "
+            f"holds {images.shape[-1]} px; rerun its training stage"
         )
-    model = model_from_checkpoint(checkpoint).to(device)
     result = evaluate(
         model,
         iterate_batches(torch.from_numpy(images), torch.from_numpy(labels), batch_size),
@@ -40,7 +54,7 @@ def predict_split(
         device,
         desc=f"{checkpoint['approach']} {split}",
     )
-    return predictions_frame(rows["path"], labels, result.probabilities, classes), checkpoint
+    return SplitPredictions(images, predictions_frame(rows["path"], labels, result.probabilities, classes))
 
 
 def classification_metrics(true: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:

@@ -111,6 +111,19 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = field(default=128, metadata=_range(1, 4096))
+    gradcam_per_class: int = field(default=3, metadata=_range(0, 50))
+
+
+@dataclass(frozen=True)
+class CompareParams:
+    """Uncertainty and ensemble settings of the comparison."""
+
+    bootstrap_resamples: int = field(default=1000, metadata=_range(10, 100_000))
+    bootstrap_seed: int = 42
+    alpha: float = field(default=0.05, metadata=_range(0.0, 0.5, open_low=True))
+    ensemble_weights: str = field(default="equal", metadata=_choices("equal", "val_f1"))
+    temperature_scaling: bool = True
+    ece_bins: int = field(default=15, metadata=_range(2, 100))
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ class Params:
     train_extract: TrainParams
     train_finetune: TrainParams
     evaluate: EvaluateParams
+    compare: CompareParams
 
     def approach(self, name: str) -> TrainParams:
         """The training recipe of one approach (``custom``, ``extract`` or ``finetune``)."""

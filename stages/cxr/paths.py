@@ -11,10 +11,15 @@ PROCESSED = Path("data/processed")
 MODELS = Path("models")
 METRICS = Path("metrics")
 PREDICTIONS = METRICS / "predictions"
+VAL_PREDICTIONS = Path("data/val_predictions")
 PLOTS = Path("plots")
 REPORTS = Path("reports")
 DATA_METRICS = METRICS / "data.json"
 SKIPPED_REPORT = REPORTS / "skipped_images.csv"
+REPORT = REPORTS / "report.md"
+SUMMARY_MD = METRICS / "summary.md"
+SUMMARY_CSV = METRICS / "summary.csv"
+SUMMARY_JSON = METRICS / "summary.json"
 
 
 def model_file(approach: str) -> Path:
@@ -33,5 +38,17 @@ def metrics_file(approach: str) -> Path:
     return METRICS / f"{approach}.json"
 
 
-def predictions_file(approach: str) -> Path:
-    return PREDICTIONS / f"{approach}.csv"
+def predictions_file(model: str) -> Path:
+    return PREDICTIONS / f"{model}.csv"
+
+
+def val_predictions_file(approach: str) -> Path:
+    return VAL_PREDICTIONS / f"{approach}.csv"
+
+
+def evaluation_plots(model: str) -> Path:
+    return PLOTS / "evaluate" / model
+
+
+def misclassified_file(model: str) -> Path:
+    return REPORTS / "misclassified" / f"{model}.csv"

@@ -224,3 +224,18 @@ def misclassified(frame: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     scored = _with_confidence(frame, classes)
     wrong = scored[scored["label"] != scored["predicted"]]
     return _most_confident_first(wrong)[MISCLASSIFIED_COLUMNS].reset_index(drop=True)
+
+
+def gradcam_gallery(
+    model: Classifier, images: np.ndarray, frame: pd.DataFrame, classes: Sequence[str], per_class: int, title: str,
+    path: Path,
+) -> None:
+    """Select examples from a split's predictions, compute their Grad-CAM maps and draw the gallery.
+
+    ``images`` are the split's uint8 arrays in the same row order as ``frame``.
+    """
+    examples = select_examples(frame, classes, per_class)
+    chosen = images[examples.index.to_numpy()]
+    pixels = torch.from_numpy(np.ascontiguousarray(chosen)).unsqueeze(1).float() / 255
+    heatmaps = gradcam_heatmaps(model, pixels) if len(chosen) else np.zeros_like(chosen, dtype=np.float32)
+    gallery(chosen, heatmaps, examples, classes, title, path)

@@ -1,0 +1,106 @@
+"""The honest comparison: ensemble, confidence intervals, paired tests, AUC and calibration.
+
+Everything here works on predictions tables (:mod:`cxr.predictions`), so the numbers can
+be recomputed from the CSV files alone, without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr import stats
+from cxr.errors import PipelineError
+from cxr.predictions import predictions_frame, probabilities_of
+
+ENSEMBLE = "ensemble"
+
+
+def ensemble_weights(val_frames: Mapping[str, pd.DataFrame], classes: Sequence[str], mode: str) -> dict[str, float]:
+    """Soft-voting weights: equal, or proportional to each model's validation macro-F1 (never test)."""
+    if mode == "equal":
+        return {name: 1 / len(val_frames) for name in val_frames}
+    scores = {
+        name: stats.macro_f1(stats.encode_labels(frame["label"], classes), stats.encode_labels(frame["predicted"], classes))
+        for name, frame in val_frames.items()
+    }
+    total = sum(scores.values())
+    if total <= 0:
+        raise PipelineError("cannot weight the ensemble by validation macro-F1: every model scored 0")
+    return {name: score / total for name, score in scores.items()}
+
+
+def ensemble_frame(frames: Mapping[str, pd.DataFrame], classes: Sequence[str], weights: Mapping[str, float]) -> pd.DataFrame:
+    """Weighted average of the models' probabilities, as a predictions table of its own."""
+    reference = next(iter(frames.values()))
+    for name, frame in frames.items():
+        if not frame["path"].equals(reference["path"]):
+            raise PipelineError(f"predictions of {name} cover other images than the rest; rerun its evaluation")
+    probabilities = sum(weights[name] * probabilities_of(frame, classes) for name, frame in frames.items())
+    labels = stats.encode_labels(reference["label"], classes)
+    return predictions_frame(reference["path"], labels, probabilities, classes)
+
+
+def _interval(y_true: np.ndarray, y_pred: np.ndarray, metric: stats.Metric, resamples: int, seed: int) -> dict[str, float]:
+    point, low, high = stats.bootstrap_ci(y_true, y_pred, metric, n_resamples=resamples, seed=seed)
+    return {"value": round(point, 6), "ci_low": round(low, 6), "ci_high": round(high, 6)}
+
+
+def model_report(
+    frame: pd.DataFrame, classes: Sequence[str], resamples: int, seed: int, ece_bins: int
+) -> dict[str, Any]:
+    """Accuracy and macro-F1 with 95% stratified-bootstrap intervals, per-class sensitivity and
+    PPV with intervals, one-vs-rest ROC AUC per class and macro, and expected calibration error."""
+    y_true = stats.encode_labels(frame["label"], classes)
+    y_pred = stats.encode_labels(frame["predicted"], classes)
+    probabilities = probabilities_of(frame, classes)
+    return {
+        "accuracy": _interval(y_true, y_pred, stats.accuracy, resamples, seed),
+        "f1_macro": _interval(y_true, y_pred, stats.macro_f1, resamples, seed),
+        "per_class": {
+            name: {
+                "sensitivity": _interval(y_true, y_pred, stats.class_recall(i), resamples, seed),
+                "ppv": _interval(y_true, y_pred, stats.class_precision(i), resamples, seed),
+            }
+            for i, name in enumerate(classes)
+        },
+        "roc_auc": {k: round(v, 6) for k, v in stats.roc_auc_per_class(y_true, probabilities, classes).items()},
+        "ece": round(stats.expected_calibration_error(probabilities, y_true, ece_bins), 6),
+    }
+
+
+def temperature_calibration(
+    val_frame: pd.DataFrame, test_frame: pd.DataFrame, classes: Sequence[str], ece_bins: int
+) -> tuple[dict[str, float], np.ndarray]:
+    """Fit one temperature on validation predictions; return test ECE before/after and calibrated test probabilities."""
+    val_logits = stats.logits_from_probabilities(probabilities_of(val_frame, classes))
+    temperature = stats.fit_temperature(val_logits, stats.encode_labels(val_frame["label"], classes))
+    test_probabilities = probabilities_of(test_frame, classes)
+    calibrated = stats.apply_temperature(stats.logits_from_probabilities(test_probabilities), temperature)
+    y_true = stats.encode_labels(test_frame["label"], classes)
+    return {
+        "temperature": round(temperature, 6),
+        "ece_before": round(stats.expected_calibration_error(test_probabilities, y_true, ece_bins), 6),
+        "ece_after": round(stats.expected_calibration_error(calibrated, y_true, ece_bins), 6),
+    }, calibrated
+
+
+def paired_tests(frames: Mapping[str, pd.DataFrame], names: Mapping[str, str], alpha: float) -> tuple[dict[str, Any], list[str]]:
+    """Exact McNemar test for every pair of models on the same images, Holm-corrected, in numbers and words."""
+    correct = {names[key]: (frame["label"] == frame["predicted"]).to_numpy() for key, frame in frames.items()}
+    results = stats.pairwise_mcnemar(correct)
+    adjusted = stats.holm({f"{a} vs {b}": r["p_value"] for (a, b), r in results.items()})
+    table = {
+        f"{a} vs {b}": {
+            "right_only_first": int(r["b"]),
+            "right_only_second": int(r["c"]),
+            "p_value": round(float(r["p_value"]), 6),
+            "p_holm": round(adjusted[f"{a} vs {b}"], 6),
+            "significant": bool(adjusted[f"{a} vs {b}"] < alpha),
+        }
+        for (a, b), r in results.items()
+    }
+    return table, stats.significance_sentences(results, alpha)
