@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_processed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,17 @@ def test_bench_reports_every_approach_with_positive_rates(bench, one_thread, tmp
     trained = [row for row in rows if "ceiling" in row]
     assert len(trained) == 4 and all({"pipeline", "ceiling", "eval", "ratio"} <= row.keys() for row in trained)
     assert "ceiling img/s" in capsys.readouterr().out
+
+
+def test_extract_cache_gives_the_same_model_as_the_frozen_body_path(one_thread, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("extract_cache", ROOT / "benchmarks" / "extract_cache.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    write_processed(tmp_path / "data" / "processed", {"train": 6, "val": 3, "test": 3})
+    monkeypatch.chdir(tmp_path)
+    report = module.main(["--epochs", "2", "--weights", "none", "--params", str(ROOT / "params.yaml"),
+                          "--out", str(tmp_path / "cache.json")])
+    cached, full = report["cached"], report["frozen_body_every_epoch"]
+    assert cached["best_epoch"] == full["best_epoch"]
+    assert cached["f1_macro"] == pytest.approx(full["f1_macro"], abs=0.005)
+    assert report["speedup"] > 0

@@ -100,7 +100,7 @@ def check_outputs(project: Path) -> None:
         )
 
 
-def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path):
+def test_dvc_repro_builds_everything_reproducibly_then_reruns_only_what_changed(tmp_path):
     source = make_kaggle_tree(tmp_path / "images", per_class=8, size=40).parent
     project = make_project(tmp_path, source, image_size=32, epochs=1)
 
@@ -114,6 +114,11 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path):
 
     assert ran_stages(sh(project, "dvc", "repro")) == set()
     assert "up to date" in sh(project, "dvc", "status")
+
+    metrics = {path.name: path.read_bytes() for path in (project / "metrics").glob("*.json")}
+    forced = sh(project, "dvc", "repro", "--force", "--no-run-cache")
+    assert "train_custom" in ran_stages(forced)
+    assert {path.name: path.read_bytes() for path in (project / "metrics").glob("*.json")} == metrics
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "first run")
 
