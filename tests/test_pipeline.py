@@ -126,7 +126,7 @@ def test_dvc_repro_builds_everything_reproducibly_then_reruns_only_what_changed(
     # compare reruns only if the custom model's scores changed; nothing else may rerun.
     assert {"train_custom", "evaluate@custom"} <= ran_stages(rerun) <= {"train_custom", "evaluate@custom", "compare"}
     check_outputs(project)
-    assert "metrics/custom.json" in sh(project, "dvc", "metrics", "diff")
+    assert "metrics/custom.json" in sh(project, "dvc", "metrics", "diff", "--all")
     sh(project, "dvc", "plots", "show", "-o", str(tmp_path / "plots_html"))
     assert (tmp_path / "plots_html" / "index.html").is_file()
 

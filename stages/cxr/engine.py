@@ -6,7 +6,7 @@ so the time of a step goes into the model's arithmetic, not into decoding or cop
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,10 @@ class EpochResult:
         return float(f1_score(self.labels, self.predictions, average="macro", zero_division=0))
 
 
+# What evaluating no items gives (a rank whose validation shard is empty); combine_results skips it.
+EMPTY_RESULT = EpochResult(0.0, np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32))
+
+
 def iterate_batches(
     images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -49,6 +53,13 @@ def iterate_batches(
     ``images`` may hold raw pixels (N x H x W) or cached embeddings (N x D).
     """
     order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
+    return batches_in_order(images, labels, order, batch_size)
+
+
+def batches_in_order(
+    images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images, labels)`` batches of the items ``order`` lists, in that order (repeats allowed)."""
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         yield images[index], labels[index]
@@ -130,5 +141,21 @@ def evaluate(
         probabilities.append(logits.float().softmax(1).cpu())
         bar.update(len(y))
     bar.close()
+    if not labels:
+        return EMPTY_RESULT
     n = sum(len(t) for t in labels)
     return EpochResult(float(torch.stack(losses).sum()) / n, torch.cat(labels).numpy(), torch.cat(probabilities).numpy())
+
+
+def combine_results(parts: Sequence[EpochResult]) -> EpochResult:
+    """One result for the union of several passes (e.g. every rank's shard, in rank order).
+
+    The loss is the item-weighted mean, so it equals one pass over all the items up to rounding.
+    """
+    parts = [part for part in parts if len(part.labels)]
+    n = sum(len(part.labels) for part in parts)
+    return EpochResult(
+        sum(part.loss * len(part.labels) for part in parts) / n,
+        np.concatenate([part.labels for part in parts]),
+        np.concatenate([part.probabilities for part in parts]),
+    )

@@ -4,6 +4,10 @@ One module serves the three training stages; they differ only by their params se
 With a frozen body and no augmentation, feature extraction computes the body's embeddings
 once per split and trains the head on them: the result is the same model as running the
 frozen body every epoch, many times faster.
+
+Launched with ``torchrun --nproc_per_node=N stages/train.py <approach>``, the same code trains
+data-parallel (DistributedDataParallel, see :mod:`cxr.distributed`); launched with python it
+is the single-process run, unchanged.
 """
 
 from __future__ import annotations
@@ -13,18 +17,21 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from dvclive import Live
 from torch import nn
 
+from cxr import distributed
 from cxr.augment import augment_batch
-from cxr.engine import EpochResult, evaluate, iterate_batches, to_input, train_one_epoch
+from cxr.engine import (
+    EpochResult, batches_in_order, combine_results, evaluate, iterate_batches, to_input, train_one_epoch,
+)
 from cxr.errors import PipelineError
 from cxr.files import atomic_write
 from cxr.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, backbone_weights, build_model, imagenet_state_dict
@@ -116,7 +123,11 @@ def compute_embeddings(model: Classifier, split: SplitTensors, batch_size: int, 
 
 
 def _fingerprint(approach: str, params: Params, image_size: int, sizes: tuple[int, int]) -> str:
-    """What a resumable run must share with the interrupted one: recipe, seed, classes and data shape."""
+    """What a resumable run must share with the interrupted one: recipe, seed, classes and data shape.
+
+    A data-parallel run also fixes its number of processes (it sets the steps per epoch);
+    single-process fingerprints leave it out, so they match those of earlier versions.
+    """
     identity = {
         "approach": approach,
         "recipe": as_dict(params.approach(approach)),
@@ -125,6 +136,8 @@ def _fingerprint(approach: str, params: Params, image_size: int, sizes: tuple[in
         "image_size": image_size,
         "sizes": list(sizes),
     }
+    if distributed.world_size() > 1:
+        identity["world_size"] = distributed.world_size()
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -142,7 +155,10 @@ def load_resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return state
 
 
-def _log_history(live: Live, history: list[dict[str, float]]) -> None:
+def _log_history(live: Live | None, history: list[dict[str, float]]) -> None:
+    """Append rows to the learning curves; ``live`` is None on ranks other than 0, which write nothing."""
+    if live is None:
+        return
     for row in history:
         for name, value in row.items():
             live.log_metric(name, value)
@@ -155,6 +171,39 @@ def _epoch_row(train: EpochResult, val: EpochResult) -> dict[str, float]:
         for prefix, result in (("train", train), ("val", val))
         for name in ("loss", "accuracy", "macro_f1")
     }
+
+
+def _reduced(result: EpochResult) -> EpochResult:
+    """The result over every rank's items (the same on all ranks); a single process's result as it is."""
+    return combine_results(distributed.all_gather(result)) if distributed.active() else result
+
+
+def _train_batches(split: SplitTensors, batch_size: int, order: torch.Generator, seed: int, epoch: int,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch's shuffled batches: the whole split from ``order``, or under DDP this rank's DistributedSampler share."""
+    if not distributed.active():
+        return iterate_batches(split.inputs, split.labels, batch_size, order)
+    return batches_in_order(split.inputs, split.labels, distributed.epoch_order(len(split), seed, epoch), batch_size)
+
+
+def _reseed_rank(seed: int, epoch: int, augment_rng: torch.Generator) -> None:
+    """Under DDP, draw this epoch's augmentations and dropout masks from per-rank seeds (see ``seed_for``)."""
+    if distributed.active():
+        augment_rng.manual_seed(distributed.seed_for(seed, 1, epoch))
+        torch.manual_seed(distributed.seed_for(seed, 2, epoch))
+
+
+def _validate(model: nn.Module, split: SplitTensors, batch_size: int, loss_fn: nn.Module, common: dict[str, Any],
+              ) -> EpochResult:
+    """Validation scores of ``model``; under DDP each rank scores a contiguous shard and the shards are gathered.
+
+    Every rank first takes rank 0's BatchNorm statistics, so the result is exactly that of
+    one process scoring the weights the checkpoint saves (up to float rounding of the loss).
+    """
+    distributed.broadcast_buffers(model)
+    part = distributed.shard(len(split))
+    batches = iterate_batches(split.inputs[part], split.labels[part], batch_size)
+    return _reduced(evaluate(model, batches, part.stop - part.start, loss_fn, desc="val", **common))
 
 
 def train_approach(
@@ -174,11 +223,37 @@ def train_approach(
     a killed run started again with the same params resumes from the last complete epoch
     and ends exactly where an uninterrupted run would.
 
+    Under ``torchrun --nproc_per_node=N`` (see :mod:`cxr.distributed`) the model trains in
+    DistributedDataParallel: each rank takes a DistributedSampler share of every epoch in
+    batches of ``batch_size``, so the effective batch is N x ``batch_size`` (as in the
+    torchvision reference scripts; halve ``batch_size`` to keep the single-process one).
+    Train and validation results are gathered from all ranks before any metric is computed,
+    so every rank takes the same early-stopping decision; only rank 0 logs and writes the
+    learning curves, the checkpoint and the resume state.
+
     Returns a summary (best epoch, its validation scores, epochs run, whether embeddings were cached).
     """
+    device = distributed.rank_device(configure(params.train))
+    with distributed.process_group(device):
+        distributed.quiet_other_ranks()
+        return _train(approach, params, processed_dir, model_path, live_dir, resume_path, imagenet,
+                      progress and distributed.is_main(), device)
+
+
+def _train(
+    approach: str,
+    params: Params,
+    processed_dir: Path,
+    model_path: Path,
+    live_dir: Path,
+    resume_path: Path | None,
+    imagenet: Callable[[], dict[str, torch.Tensor]],
+    progress: bool,
+    device: torch.device,
+) -> dict[str, Any]:
     recipe = params.approach(approach)
     runtime = params.train
-    device = configure(runtime)
+    main = distributed.is_main()
     classes = list(params.data.classes)
     train_split = load_tensors(processed_dir, "train", classes)
     val_split = load_tensors(processed_dir, "val", classes)
@@ -202,14 +277,22 @@ def train_approach(
         log.info("extract: caching the frozen body's embeddings once per split, then training the head on them")
         train_split = compute_embeddings(model, train_split, params.evaluate.batch_size, device, memory_format)
         val_split = compute_embeddings(model, val_split, params.evaluate.batch_size, device, memory_format)
-        step_model: nn.Module = model.head
-    else:
-        if frozen:
-            log.info("extract: the frozen body runs on every batch (augmentation on or cache_embeddings off)")
-        step_model = torch.compile(model) if runtime.compile else model
+    elif frozen:
+        log.info("extract: the frozen body runs on every batch (augmentation on or cache_embeddings off)")
+    trained: nn.Module = model.head if cached else model
+    step_model = distributed.wrap(trained, device)
+    if runtime.compile and not cached:
+        step_model = torch.compile(step_model)
+    # DDP's forward takes part in collectives; ranks score their shards with the plain module.
+    eval_model = trained if distributed.active() else step_model
+    if distributed.active():
+        log.info("%s: DistributedDataParallel over %d processes (%s), batch %d per process = %d per step",
+                 approach, distributed.world_size(), distributed.backend_for(device), recipe.batch_size,
+                 recipe.batch_size * distributed.world_size())
 
     optimizer = make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad])
-    scheduler = make_scheduler(recipe, optimizer, math.ceil(len(train_split) / recipe.batch_size))
+    per_rank = math.ceil(len(train_split) / distributed.world_size())
+    scheduler = make_scheduler(recipe, optimizer, math.ceil(per_rank / recipe.batch_size))
     order = torch.Generator().manual_seed(runtime.seed)
     augment_rng = torch.Generator().manual_seed(runtime.seed + 1)
     progress_state: dict[str, Any] = {"epoch": 0, "best": {"epoch": -1, "val_macro_f1": -1.0}, "stale": 0, "history": []}
@@ -243,53 +326,51 @@ def train_approach(
         atomic_write(resume_path, lambda tmp: torch.save(state, tmp))
 
     best = progress_state["best"]
-    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) if main else nullcontext() as live:
         _log_history(live, progress_state["history"])
         for epoch in range(progress_state["epoch"], recipe.epochs):
             if recipe.patience and progress_state["stale"] >= recipe.patience:
                 break
             started = time.perf_counter()
-            train_result = train_one_epoch(
-                step_model,
-                iterate_batches(train_split.inputs, train_split.labels, recipe.batch_size, order),
-                len(train_split), optimizer, scheduler, train_loss, transform=transform,
+            _reseed_rank(runtime.seed, epoch, augment_rng)
+            train_result = _reduced(train_one_epoch(
+                step_model, _train_batches(train_split, recipe.batch_size, order, runtime.seed, epoch),
+                per_rank, optimizer, scheduler, train_loss, transform=transform,
                 desc=f"{approach} {epoch + 1}/{recipe.epochs}", **common,
-            )
-            val_result = evaluate(
-                step_model, iterate_batches(val_split.inputs, val_split.labels, params.evaluate.batch_size),
-                len(val_split), eval_loss, desc="val", **common,
-            )
+            ))
+            val_result = _validate(eval_model, val_split, params.evaluate.batch_size, eval_loss, common)
             row = _epoch_row(train_result, val_result)
             _log_history(live, [row])
             log.info(
                 "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f img/s",
                 approach, epoch + 1, recipe.epochs, train_result.loss, train_result.accuracy,
                 val_result.loss, val_result.accuracy, val_result.macro_f1,
-                len(train_split) / (time.perf_counter() - started),
+                len(train_result.labels) / (time.perf_counter() - started),
             )
             if val_result.macro_f1 > best["val_macro_f1"]:
                 best = {"epoch": epoch + 1, "val_macro_f1": val_result.macro_f1, "val_accuracy": val_result.accuracy}
-                checkpoint = {
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "model_args": model_args,
-                    "approach": approach,
-                    "classes": classes,
-                    "image_size": image_size,
-                    "recipe": as_dict(recipe),
-                    **best,
-                }
-                atomic_write(model_path, lambda tmp: torch.save(checkpoint, tmp))
+                if main:
+                    checkpoint = {
+                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        "model_args": model_args,
+                        "approach": approach,
+                        "classes": classes,
+                        "image_size": image_size,
+                        "recipe": as_dict(recipe),
+                        **best,
+                    }
+                    atomic_write(model_path, lambda tmp: torch.save(checkpoint, tmp))
                 progress_state["stale"] = 0
             else:
                 progress_state["stale"] += 1
             progress_state.update(epoch=epoch + 1, best=best)
             progress_state["history"].append(row)
-            if resume_path:
+            if resume_path and main:
                 save_resume_state(finished=False)
     if best["epoch"] < 0:
         raise PipelineError(f"{approach}: training produced no checkpoint")
     if progress_state["stale"] and recipe.patience and progress_state["stale"] >= recipe.patience:
         log.info("%s: stopped early, no validation macro-F1 gain for %d epochs", approach, progress_state["stale"])
-    if resume_path:
+    if resume_path and main:
         save_resume_state(finished=True)
     return {**best, "epochs_run": progress_state["epoch"], "cached_embeddings": cached}
