@@ -108,7 +108,7 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.detach() * len(y))
-        labels.append(targets)
+        labels.append(targets.cpu())
         probabilities.append(logits.detach().float().softmax(1).cpu())
         bar.update(len(y))
     bar.close()
@@ -137,7 +137,7 @@ def evaluate(
         with autocast(device, amp):
             logits = model(x)
         losses.append(loss_fn(logits.float(), y) * len(y))
-        labels.append(targets)
+        labels.append(targets.cpu())
         probabilities.append(logits.float().softmax(1).cpu())
         bar.update(len(y))
     bar.close()

@@ -53,6 +53,9 @@ class SplitTensors:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> SplitTensors:
+        return SplitTensors(self.inputs.to(device), self.labels.to(device))
+
 
 def load_tensors(processed_dir: Path, split: str, classes: list[str]) -> SplitTensors:
     images, labels, _ = load_split(processed_dir, split, classes)
@@ -257,6 +260,10 @@ def _train(
     classes = list(params.data.classes)
     train_split = load_tensors(processed_dir, "train", classes)
     val_split = load_tensors(processed_dir, "val", classes)
+    if device.type == "cuda":
+        # The uint8 split fits on the GPU (0.4 GB for 8,000 images at 224 px): batches are then
+        # sliced there and never cross the host-device bus during training.
+        train_split, val_split = train_split.to(device), val_split.to(device)
     image_size = int(train_split.inputs.shape[-1])
     fingerprint = _fingerprint(approach, params, image_size, (len(train_split), len(val_split)))
     resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
