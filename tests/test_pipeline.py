@@ -140,7 +140,7 @@ def test_bad_param_stops_the_stage_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, "stages/split.py"], cwd=project, env=_env(), capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "error: params.yaml: unknown key params.train_custom.optimiser; allowed keys in params.train_custom: "
+        "error: params.yaml: unknown key train_custom.optimiser; allowed keys in train_custom: "
         "epochs, batch_size, optimizer, lr, weight_decay, scheduler, patience, label_smoothing, weights, width, "
         "dropout, cache_embeddings, augment"
     ]
