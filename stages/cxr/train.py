@@ -310,6 +310,8 @@ def _train(
         order.set_state(resumed["order_rng"])
         augment_rng.set_state(resumed["augment_rng"])
         torch.set_rng_state(resumed["torch_rng"])
+        if device.type == "cuda" and len(resumed.get("cuda_rng", ())):
+            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
         progress_state = {k: resumed[k] for k in progress_state}
         log.info("%s: resuming after epoch %d from %s", approach, progress_state["epoch"], resume_path)
 
@@ -328,6 +330,7 @@ def _train(
             "order_rng": order.get_state(),
             "augment_rng": augment_rng.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
             **progress_state,
         }
         atomic_write(resume_path, lambda tmp: torch.save(state, tmp))
