@@ -16,14 +16,10 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cxr.errors import PipelineError
+from cxr.errors import PipelineError, first_line
 
 SPLITS = ("train", "test")
 KaggleDownloader = Callable[[str, Path], Path]
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def kagglehub_download(handle: str, workdir: Path) -> Path:
@@ -44,10 +40,10 @@ def kagglehub_download(handle: str, workdir: Path) -> Path:
                 f"Kaggle refused access to {handle} (HTTP {status}): set KAGGLE_API_TOKEN, or KAGGLE_USERNAME and "
                 "KAGGLE_KEY, or put kaggle.json in ~/.kaggle/ (https://www.kaggle.com/settings/api)"
             ) from None
-        raise PipelineError(f"Kaggle download of {handle} failed: {_first_line(err)}") from None
+        raise PipelineError(f"Kaggle download of {handle} failed: {first_line(err)}") from None
     except ValueError as err:
         raise PipelineError(
-            f"Kaggle download of {handle} failed: {_first_line(err)}; check data.kaggle_handle "
+            f"Kaggle download of {handle} failed: {first_line(err)}; check data.kaggle_handle "
             "(owner/dataset or owner/dataset/versions/N)"
         ) from None
     except DataCorruptionError:

@@ -9,5 +9,11 @@ class PipelineError(Exception):
     """A problem with the user's data, params or environment, worded for the user."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 class ImageDecodeError(PipelineError):
     """An image file that cannot be turned into pixels; the message names the file and why."""

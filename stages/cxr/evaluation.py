@@ -24,7 +24,7 @@ def load_trained_model(model_path: Path, classes: Sequence[str], device: torch.d
     checkpoint = load_checkpoint(model_path)
     if list(checkpoint["classes"]) != list(classes):
         raise PipelineError(f"{model_path} was trained for classes {checkpoint['classes']}, params list {list(classes)}")
-    return model_from_checkpoint(checkpoint).to(device), checkpoint
+    return model_from_checkpoint(checkpoint, str(model_path)).to(device), checkpoint
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
-from cxr.errors import PipelineError
+from cxr.errors import PipelineError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,10 +178,13 @@ def backbone_weights(weights: str, imagenet: StateDictLoader = imagenet_state_di
     return load_state_dict_file(Path(weights))
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> Classifier:
+def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint") -> Classifier:
     """Rebuild a trained model from a plain-dict checkpoint (``torch.load(weights_only=True)``)."""
-    model = build_model(**checkpoint["model_args"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = build_model(**checkpoint["model_args"])
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, KeyError, ValueError) as err:
+        raise PipelineError(f"{source}: the weights do not match the model description ({first_line(err)})") from None
     return model.eval()
 
 

@@ -170,16 +170,7 @@ def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, A
     checkpoint = load_checkpoint(path)
     checkpoint_classes(checkpoint)
     checkpoint_image_size(checkpoint)
-    try:
-        model = model_from_checkpoint(checkpoint)
-    except (RuntimeError, TypeError, KeyError, ValueError) as err:
-        raise PipelineError(f"{path}: the weights do not match the model description ({_first_line(err)})") from None
-    return model.to(device).eval(), checkpoint
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    return model_from_checkpoint(checkpoint, str(path)).to(device), checkpoint
 
 
 def format_table(results: Sequence[dict[str, Any]], classes: Sequence[str]) -> str:
