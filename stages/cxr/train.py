@@ -37,7 +37,7 @@ from cxr.files import atomic_write
 from cxr.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, backbone_weights, build_model, imagenet_state_dict
 from cxr.params import Params, TrainParams, as_dict
 from cxr.preprocess import load_split
-from cxr.runtime import configure
+from cxr.runtime import configure, describe_precision
 
 log = logging.getLogger(__name__)
 ARCH_BY_APPROACH = {"custom": "custom_cnn", "extract": "resnet18", "finetune": "resnet18"}
@@ -292,6 +292,7 @@ def _train(
         step_model = torch.compile(step_model)
     # DDP's forward takes part in collectives; ranks score their shards with the plain module.
     eval_model = trained if distributed.active() else step_model
+    log.info("%s: %s", approach, describe_precision(device, runtime.amp))
     if distributed.active():
         log.info("%s: DistributedDataParallel over %d processes (%s), batch %d per process = %d per step",
                  approach, distributed.world_size(), distributed.backend_for(device), recipe.batch_size,
