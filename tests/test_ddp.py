@@ -4,7 +4,8 @@ The data-parallel run uses batch 8 per process, the single-process run batch 16:
 effective batch and the same number of steps. Their batches still differ (DistributedSampler
 order, BatchNorm statistics over 8 images instead of 16), so their final validation scores
 agree within ``TOLERANCE``, not exactly. Scoring is exact, though: the DDP run's logged
-validation metrics are those of one process evaluating the checkpoint it saved.
+validation metrics are those of one process evaluating the checkpoint it saved (in the
+precision ``train.amp`` gives here).
 """
 
 import os
@@ -105,7 +106,8 @@ def test_ddp_logged_validation_equals_one_process_scoring_the_saved_weights(runs
     model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
     val = load_tensors(ddp / "data" / "processed", "val", list(CLASSES))
     scored = evaluate(model, iterate_batches(val.inputs, val.labels, 128), len(val), nn.CrossEntropyLoss(),
-                      torch.device("cpu"), memory_format=torch.channels_last, progress=False)
+                      torch.device("cpu"), amp=yaml.safe_load((ddp / "params.yaml").read_text())["train"]["amp"],
+                      memory_format=torch.channels_last, progress=False)
     assert len(scored.labels) == len(val)
     assert scored.accuracy == checkpoint["val_accuracy"] and scored.macro_f1 == checkpoint["val_macro_f1"]
     step, logged_loss = (ddp / "plots/custom/plots/metrics/val/loss.tsv").read_text().splitlines()[checkpoint["epoch"]].split("\t")
