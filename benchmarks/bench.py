@@ -172,12 +172,13 @@ def bench_approach(params: Params, approach: str, data: SplitTensors, device: to
     body_row = measure(frozen, "frozen body every batch (augment on)", data, True, args)
     count = args.steps * recipe.batch_size
     sample = SplitTensors(data.inputs[:count], data.labels[:count])
-    embeddings = compute_embeddings(model, sample, frozen.eval_batch, device, memory_format)
+    amp = params.train.amp
+    embeddings = compute_embeddings(model, sample, frozen.eval_batch, device, memory_format, amp)
     head_row = measure(Bench(params, approach, model.head, device, total_steps), "cached: head on embeddings",
                        embeddings, False, args)
     embed = {"embed": lambda n: len(compute_embeddings(
         model, SplitTensors(sample.inputs[: n * recipe.batch_size], sample.labels[: n * recipe.batch_size]),
-        frozen.eval_batch, device, memory_format))}
+        frozen.eval_batch, device, memory_format, amp))}
     embed_row = {"approach": approach, "batch_size": frozen.eval_batch, "path": "cached: embed once per split",
                  "pipeline": best_rates(embed, args.steps, args.repeats, device)["embed"]}
     return [head_row, embed_row, body_row]

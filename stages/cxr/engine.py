@@ -79,8 +79,10 @@ def iterate_batches(
 
     ``images`` may hold raw pixels (N x H x W) or cached embeddings (N x D).
     """
-    order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
-    return batches_in_order(images, labels, order, batch_size)
+    if generator is None:
+        return ((images[start : start + batch_size], labels[start : start + batch_size])
+                for start in range(0, len(images), batch_size))
+    return batches_in_order(images, labels, torch.randperm(len(images), generator=generator), batch_size)
 
 
 def batches_in_order(
@@ -88,13 +90,14 @@ def batches_in_order(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels)`` batches of the items ``order`` lists, in that order (repeats allowed).
 
-    ``index_select`` rather than ``images[index]``: advanced indexing costs several times more
-    per batch, which is most of a step when the head trains on cached embeddings.
+    The items are gathered once per pass (one ``index_select``) and every batch is a view of
+    that copy: a gather per batch would cost more than the whole step of a head trained on
+    cached embeddings. The copy holds the pass's items (one split's memory) while it runs.
     """
     order = order.to(images.device)
+    images, labels = images.index_select(0, order), labels.index_select(0, order)
     for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        yield images.index_select(0, index), labels.index_select(0, index)
+        yield images[start : start + batch_size], labels[start : start + batch_size]
 
 
 def to_input(batch: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:

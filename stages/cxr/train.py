@@ -37,7 +37,7 @@ from cxr.files import atomic_write
 from cxr.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, backbone_weights, build_model, imagenet_state_dict
 from cxr.params import Params, TrainParams, as_dict
 from cxr.preprocess import load_split
-from cxr.runtime import configure, describe_precision
+from cxr.runtime import autocast, configure, describe_precision
 
 log = logging.getLogger(__name__)
 ARCH_BY_APPROACH = {"custom": "custom_cnn", "extract": "resnet18", "finetune": "resnet18"}
@@ -111,17 +111,18 @@ def make_scheduler(
 
 @torch.no_grad()
 def compute_embeddings(model: Classifier, split: SplitTensors, batch_size: int, device: torch.device,
-                       memory_format: torch.memory_format) -> SplitTensors:
+                       memory_format: torch.memory_format, amp: str = "none") -> SplitTensors:
     """The frozen body's pooled features for every image of a split, on the CPU.
 
     ``no_grad`` rather than ``inference_mode``: the head is then trained on these tensors,
-    and autograd refuses inference tensors.
+    and autograd refuses inference tensors. ``amp`` is the precision the uncached path would
+    run the body in, so both paths train the head on the same features.
     """
     model.eval()
-    chunks = [
-        model.embed(to_input(images, device, memory_format)).float().cpu()
-        for images, _ in iterate_batches(split.inputs, split.labels, batch_size)
-    ]
+    chunks = []
+    for images, _ in iterate_batches(split.inputs, split.labels, batch_size):
+        with autocast(device, amp):
+            chunks.append(model.embed(to_input(images, device, memory_format)).float().cpu())
     return SplitTensors(torch.cat(chunks), split.labels)
 
 
@@ -282,8 +283,10 @@ def _train(
     cached = frozen and recipe.cache_embeddings and not recipe.augment.enabled
     if cached:
         log.info("extract: caching the frozen body's embeddings once per split, then training the head on them")
-        train_split = compute_embeddings(model, train_split, params.evaluate.batch_size, device, memory_format)
-        val_split = compute_embeddings(model, val_split, params.evaluate.batch_size, device, memory_format)
+        train_split, val_split = (
+            compute_embeddings(model, split, params.evaluate.batch_size, device, memory_format, runtime.amp)
+            for split in (train_split, val_split)
+        )
     elif frozen:
         log.info("extract: the frozen body runs on every batch (augmentation on or cache_embeddings off)")
     trained: nn.Module = model.head if cached else model
