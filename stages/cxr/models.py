@@ -91,9 +91,10 @@ def custom_cnn_body(width: int) -> nn.Sequential:
     """A compact residual CNN that downsamples early.
 
     A stride-2 stem halves the resolution before any wide layer, then four stages each
-    halve it again (strided conv + one residual block), doubling channels: about a quarter
-    of ResNet-18's FLOPs at the same image size, for the mostly global patterns (opacities,
-    consolidation) that separate these classes.
+    halve it again (strided conv + one residual block), doubling channels, for the mostly
+    global patterns (opacities, consolidation) that separate these classes. At width 48 (the
+    default) it costs 0.95 GMAC per 224 px image and has 4.4 M parameters, against ResNet-18's
+    1.81 GMAC and 11.2 M; at width 32, 0.42 GMAC and 2.0 M.
     """
     layers: list[nn.Module] = [_conv_bn(1, width, stride=2), _conv_bn(width, width)]
     channels = width
