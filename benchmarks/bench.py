@@ -3,9 +3,9 @@
 For every approach it times the exact code the train stages run (in-memory uint8 images →
 ``iterate_batches`` → ``to_input`` → ``augment_batch`` → ``train_one_epoch``) against a *ceiling*:
 the same model, batch, threads, precision and memory format stepping (optimizer and learning-rate
-schedule) on random tensors already on the device. A ratio well below 1 means time goes into the data path, not the arithmetic. Pipeline,
-ceiling and evaluation are run in alternating rounds and the best round of each is kept, so
-background load does not bias the ratio. Run from the project root: ``python benchmarks/bench.py``.
+schedule) on random tensors already on the device. A ratio well below 1 means time goes into the
+data path, not the arithmetic. Pipeline, ceiling and evaluation are run in alternating rounds and
+the best round of each is kept, so background load does not bias the ratio. Run from the project root: ``python benchmarks/bench.py``.
 """
 
 from __future__ import annotations

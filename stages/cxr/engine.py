@@ -80,9 +80,14 @@ def iterate_batches(
     ``images`` may hold raw pixels (N x H x W) or cached embeddings (N x D).
     """
     if generator is None:
-        return ((images[start : start + batch_size], labels[start : start + batch_size])
-                for start in range(0, len(images), batch_size))
+        return _slices(images, labels, batch_size)
     return batches_in_order(images, labels, torch.randperm(len(images), generator=generator), batch_size)
+
+
+def _slices(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive batches as views (no copy)."""
+    for start in range(0, len(labels), batch_size):
+        yield images[start : start + batch_size], labels[start : start + batch_size]
 
 
 def batches_in_order(
@@ -95,9 +100,7 @@ def batches_in_order(
     cached embeddings. The copy holds the pass's items (one split's memory) while it runs.
     """
     order = order.to(images.device)
-    images, labels = images.index_select(0, order), labels.index_select(0, order)
-    for start in range(0, len(order), batch_size):
-        yield images[start : start + batch_size], labels[start : start + batch_size]
+    yield from _slices(images.index_select(0, order), labels.index_select(0, order), batch_size)
 
 
 def to_input(batch: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
