@@ -111,15 +111,18 @@ class Bench:
             self.model, itertools.islice(batches, n), n * self.recipe.batch_size, self.optimizer, self.scheduler,
             self.loss_fn, transform=transform, **self.common).labels)
 
-    def ceiling(self, sample_shape: tuple[int, ...], pool: int) -> Run:
-        """Forward/backward/optimizer and scheduler step on random float batches already on the device.
+    def ceiling(self, data: torch.Tensor, pool: int) -> Run:
+        """Forward/backward/optimizer and scheduler step on random batches already on the device.
 
-        ``pool`` distinct batches are cycled, as many as a timed round of the pipeline draws:
-        reusing one batch would keep it in the CPU cache, which real data never is (this
-        matters for the microsecond-scale head on cached embeddings). uint8 images become 1 x H x W.
+        The batches have what the model receives from ``data``: uint8 images become float
+        1 x H x W, embeddings keep their dtype. ``pool`` distinct batches are cycled, as many
+        as a timed round of the pipeline draws: reusing one batch would keep it in the CPU
+        cache, which real data never is (this matters for the microsecond-scale head on
+        cached embeddings).
         """
-        shape = (self.recipe.batch_size, *sample_shape)
-        xs = [torch.rand(shape, device=self.device) for _ in range(pool)]
+        shape = (self.recipe.batch_size, *data.shape[1:])
+        dtype = torch.float32 if data.dtype == torch.uint8 else data.dtype
+        xs = [torch.rand(shape, device=self.device, dtype=dtype) for _ in range(pool)]
         xs = [x.unsqueeze(1).contiguous(memory_format=self.memory_format) if x.dim() == 3 else x for x in xs]
         y = torch.randint(0, 3, (self.recipe.batch_size,), device=self.device)
         batches = itertools.cycle(xs)
@@ -148,7 +151,7 @@ class Bench:
 def measure(bench: Bench, path: str, data: SplitTensors, augment: bool, args: argparse.Namespace) -> dict[str, Any]:
     """Pipeline, ceiling and evaluation of one model on ``data``, in alternating rounds."""
     runs = {"pipeline": bench.pipeline(data, augment),
-            "ceiling": bench.ceiling(tuple(data.inputs.shape[1:]), pool=args.steps),
+            "ceiling": bench.ceiling(data.inputs, pool=args.steps),
             "eval": bench.evaluation(data)}
     rates = best_rates(runs, args.steps, args.repeats, bench.device)
     return {"approach": bench.approach, "batch_size": bench.recipe.batch_size, "path": path, **rates}

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
+from cxr import runtime
 from cxr.errors import PipelineError
-from cxr.models import load_checkpoint, model_from_checkpoint
+from cxr.models import build_model, load_checkpoint, model_from_checkpoint
 from cxr.params import CLASSES, parse_params
 from cxr.train import compute_embeddings, load_tensors, train_approach
 from conftest import write_processed
@@ -76,6 +77,19 @@ def test_extract_caches_embeddings_and_keeps_the_body_unchanged(processed, tmp_p
     with torch.inference_mode():
         logits_full = trained(split.inputs.unsqueeze(1).float() / 255)
     assert torch.allclose(logits_from_cache, logits_full, atol=1e-5)
+
+
+def test_cached_embeddings_keep_the_precision_the_body_ran_in(processed, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(CLASSES), [0.5] * 3, [0.2] * 3).eval()
+    split = load_tensors(processed, "val", list(CLASSES))
+    cached = compute_embeddings(model, split, 4, torch.device("cpu"), torch.contiguous_format, amp="bf16")
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = model.embed(split.inputs.unsqueeze(1).float() / 255)
+    assert cached.inputs.dtype is torch.bfloat16
+    torch.testing.assert_close(cached.inputs, expected)  # bf16 tolerance: batches of 4 vs one of all
+    assert torch.equal(cached.labels, split.labels)
 
 
 def test_extract_with_augmentation_runs_the_frozen_body_every_batch(processed, tmp_path):
