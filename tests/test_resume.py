@@ -20,7 +20,7 @@ def make_project(folder: Path, epochs: int) -> Path:
     write_processed(folder / "data" / "processed", {"train": 48, "val": 8})
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["threads"] = 1
-    params["train_custom"].update(epochs=epochs, batch_size=8, width=8, patience=0)
+    params["train_custom"].update(epochs=epochs, batch_size=8, width=8, patience=0, ema_decay=0.9)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return folder
 

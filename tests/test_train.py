@@ -14,7 +14,7 @@ from cxr import runtime
 from cxr.errors import PipelineError
 from cxr.models import build_model, load_checkpoint, model_from_checkpoint
 from cxr.params import CLASSES, parse_params
-from cxr.train import compute_embeddings, load_tensors, train_approach
+from cxr.train import compute_embeddings, load_tensors, make_ema, train_approach
 from conftest import write_processed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +77,45 @@ def test_extract_caches_embeddings_and_keeps_the_body_unchanged(processed, tmp_p
     with torch.inference_mode():
         logits_full = trained(split.inputs.unsqueeze(1).float() / 255)
     assert torch.allclose(logits_from_cache, logits_full, atol=1e-5)
+
+
+def test_the_moving_average_starts_at_the_model_and_ramps_its_decay_up_to_the_param():
+    layer = torch.nn.Linear(2, 1)
+    ema = make_ema(layer, 0.99)
+    before = layer.weight.detach().clone()
+    ema.update_parameters(layer)
+    assert torch.equal(ema.module.weight, before)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update_parameters(layer)  # second update: decay (1 + 1) / (10 + 1)
+    torch.testing.assert_close(ema.module.weight, before + 9 / 11)
+    ema.n_averaged.fill_(10**6)  # long run: the ramp has passed the param
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update_parameters(layer)
+    torch.testing.assert_close(ema.module.weight, before + 9 / 11 + 0.01 * (2 - 9 / 11))
+    assert make_ema(layer, 0.0) is None
+
+
+@pytest.mark.parametrize("approach", ["custom", "extract"])
+def test_the_moving_average_of_the_trained_part_is_validated_and_saved(processed, tmp_path, approach):
+    section = {"custom": "train_custom", "extract": "train_extract"}[approach]
+    params = tiny_params(**{section: {"epochs": 1, "ema_decay": 0.5}})
+    resume = tmp_path / "resume.pt"
+    train_approach(approach, params, processed, tmp_path / "m.pt", tmp_path / "live", resume_path=resume, progress=False)
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)["model"]
+    state = torch.load(resume, weights_only=True)
+    prefix = "" if approach == "custom" else "head."
+    averaged = {prefix + k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    steps = -(-len(load_tensors(processed, "train", list(CLASSES))) // 8)
+    assert int(state["ema"]["n_averaged"]) == steps  # one update per optimizer step
+    assert averaged and all(torch.equal(saved[k], v) for k, v in averaged.items())
+    assert saved.keys() == state["model"].keys()
+    moved = [k for k in averaged if saved[k].is_floating_point() and not torch.equal(saved[k], state["model"][k])]
+    assert moved, "the saved weights are the raw ones"
+    untouched = set(saved) - set(averaged)
+    assert all(torch.equal(saved[k], state["model"][k]) for k in untouched)
+    assert (approach == "extract") == bool(untouched)
 
 
 def test_cached_embeddings_keep_the_precision_the_body_ran_in(processed, monkeypatch):

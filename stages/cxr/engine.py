@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from cxr.runtime import autocast
@@ -128,8 +129,9 @@ def train_one_epoch(
     transform: BatchTransform | None = None,
     desc: str = "train",
     progress: bool = True,
+    ema: AveragedModel | None = None,
 ) -> EpochResult:
-    """Train for one pass over ``batches``; the scheduler steps once per batch."""
+    """Train for one pass over ``batches``; the scheduler steps, and ``ema`` averages, once per batch."""
     model.train()
     tally = _Tally()
     bar = _progress(total, desc, progress)
@@ -145,6 +147,8 @@ def train_one_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         tally.add(loss.detach(), y, logits.detach())
         bar.update(len(y))
     bar.close()

@@ -105,6 +105,7 @@ class TrainParams:
     width: int = field(default=32, metadata=_range(4, 512))
     dropout: float = field(default=0.2, metadata=_range(0.0, 0.9))
     cache_embeddings: bool = True
+    ema_decay: float = field(default=0.0, metadata=_range(0.0, 0.999999))
     augment: AugmentParams = field(default_factory=AugmentParams)
 
 
