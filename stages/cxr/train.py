@@ -260,8 +260,9 @@ def train_approach(
 ) -> dict[str, Any]:
     """Train ``approach`` per ``params`` and save its best epoch (by validation macro-F1).
 
-    After every epoch the whole training state (model, optimizer, scheduler, random
-    generators, early-stopping counters, learning-curve history) goes to ``resume_path``;
+    With ``ema_decay`` set, the moving average of the weights is what is validated and saved.
+    After every epoch the whole training state (model, optimizer, scheduler, weight average,
+    random generators, early-stopping counters, learning-curve history) goes to ``resume_path``;
     a killed run started again with the same params resumes from the last complete epoch
     and ends exactly where an uninterrupted run would.
 
