@@ -2,10 +2,11 @@
 
 For every approach it times the exact code the train stages run (in-memory uint8 images →
 ``iterate_batches`` → ``to_input`` → ``augment_batch`` → ``train_one_epoch``) against a *ceiling*:
-the same model, batch, threads, precision and memory format stepping (optimizer and learning-rate
-schedule) on random tensors already on the device. A ratio well below 1 means time goes into the
-data path, not the arithmetic. Pipeline, ceiling and evaluation are run in alternating rounds and
-the best round of each is kept, so background load does not bias the ratio. Run from the project root: ``python benchmarks/bench.py``.
+the same model, batch, threads, precision and memory format stepping (optimizer, learning-rate
+schedule and weight average where the recipe has one) on random tensors already on the device. A
+ratio well below 1 means time goes into the data path, not the arithmetic. Pipeline, ceiling and
+evaluation are run in alternating rounds and the best round of each is kept, so background load
+does not bias the ratio. Run from the project root: ``python benchmarks/bench.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from cxr.params import APPROACHES, Params, load_params
 from cxr.paths import METRICS, PROCESSED, RAW
 from cxr.preprocess import decode_all
 from cxr.runtime import autocast, configure
-from cxr.train import SplitTensors, compute_embeddings, load_tensors, make_optimizer, make_scheduler, model_args_for
+from cxr.train import (
+    SplitTensors, compute_embeddings, load_tensors, make_ema, make_optimizer, make_scheduler, model_args_for,
+)
 
 WARMUP_STEPS = 2
 SYNTHETIC_JPEG_SIDE = 1024  # about the size of the data set's X-rays
@@ -100,6 +103,7 @@ class Bench:
         self.eval_batch = params.evaluate.batch_size
         self.optimizer = make_optimizer(self.recipe, [p for p in model.parameters() if p.requires_grad])
         self.scheduler = make_scheduler(self.recipe, self.optimizer, math.ceil(total_steps / self.recipe.epochs) + 1)
+        self.ema = make_ema(model, self.recipe.ema_decay)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
         self.common = {"device": device, "amp": self.runtime.amp, "memory_format": self.memory_format, "progress": False}
 
@@ -109,10 +113,10 @@ class Bench:
         transform = (lambda x: augment_batch(x, aug_params, rng)) if augment else None
         return lambda n: len(train_one_epoch(
             self.model, itertools.islice(batches, n), n * self.recipe.batch_size, self.optimizer, self.scheduler,
-            self.loss_fn, transform=transform, **self.common).labels)
+            self.loss_fn, transform=transform, ema=self.ema, **self.common).labels)
 
     def ceiling(self, data: torch.Tensor, pool: int) -> Run:
-        """Forward/backward/optimizer and scheduler step on random batches already on the device.
+        """Forward/backward/optimizer, scheduler and weight-average step on random batches already on the device.
 
         The batches have what the model receives from ``data``: uint8 images become float
         1 x H x W, embeddings keep their dtype. ``pool`` distinct batches are cycled, as many
@@ -137,6 +141,8 @@ class Bench:
                 self.optimizer.step()
                 if self.scheduler is not None:
                     self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
             return n * len(y)
         return run
 
@@ -160,7 +166,7 @@ def measure(bench: Bench, path: str, data: SplitTensors, augment: bool, args: ar
 def bench_approach(params: Params, approach: str, data: SplitTensors, device: torch.device, args: argparse.Namespace
                    ) -> list[dict[str, Any]]:
     """One row per measured path (extract has three: cached head, embedding computation, frozen body)."""
-    # Pipeline and ceiling both step the optimizer and the learning-rate schedule.
+    # Pipeline and ceiling both step the optimizer, the learning-rate schedule and any weight average.
     recipe, total_steps = params.approach(approach), 2 * (WARMUP_STEPS + args.steps * args.repeats)
     memory_format = torch.channels_last if params.train.channels_last else torch.contiguous_format
     model_args = model_args_for(approach, recipe, data.inputs, len(params.data.classes))
