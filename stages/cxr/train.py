@@ -116,10 +116,10 @@ def make_ema(module: nn.Module, decay: float) -> AveragedModel | None:
     Validation scores of the raw weights jump from one epoch to the next (custom CNN on cxr3:
     up to 5 points mid-run, about 1 near the end of one-cycle); the average over the last
     ~1 / (1 - decay) steps is smoother and usually better, so it is what is validated and
-    saved (as in the torchvision and timm reference scripts). Training itself continues from the raw weights. The decay ramps up
-    as (1 + n) / (10 + n) after n updates (TensorFlow's ``num_updates``): a plain average
-    would hold on to the random initialisation for thousands of steps, and early stopping
-    would judge that blend instead of the model.
+    saved (as in the torchvision and timm reference scripts). Training itself continues from
+    the raw weights. The decay ramps up as (1 + n) / (10 + n) after n updates (TensorFlow's
+    ``num_updates``): a plain average would hold on to the random initialisation for
+    thousands of steps, and early stopping would judge that blend instead of the model.
     """
     if not decay:
         return None
@@ -129,13 +129,15 @@ def make_ema(module: nn.Module, decay: float) -> AveragedModel | None:
         if not averaged[0].is_floating_point():  # BatchNorm's batch counters: nothing to average
             torch._foreach_copy_(averaged, current)
             return
-        step_decay = min(decay, (1 + int(updates)) / (10 + int(updates)))
+        n = int(updates)
+        step_decay = min(decay, (1 + n) / (10 + n))
         torch._foreach_lerp_(averaged, current, 1 - step_decay)
 
     return AveragedModel(module, multi_avg_fn=update, use_buffers=True)
 
 
-def saved_weights(model: Classifier, ema: AveragedModel | None, head_only: bool) -> dict[str, torch.Tensor]:
+def saved_weights(model: Classifier, ema: AveragedModel | None = None, head_only: bool = False,
+                  ) -> dict[str, torch.Tensor]:
     """The model's weights on the CPU, with the averaged ones for the part that was trained (the head, or all)."""
     state = model.state_dict()
     if ema is not None:
@@ -333,8 +335,10 @@ def _train(
     if runtime.compile and not cached:
         step_model = torch.compile(step_model)
     ema = make_ema(trained, recipe.ema_decay)
-    # DDP's forward takes part in collectives; ranks score their shards with the plain module.
-    eval_model = ema.module if ema is not None else trained if distributed.active() else step_model
+    if ema is not None:
+        eval_model = ema.module
+    else:  # DDP's forward takes part in collectives; ranks score their shards with the plain module.
+        eval_model = trained if distributed.active() else step_model
     log.info("%s: %s", approach, describe_precision(device, runtime.amp))
     if distributed.active():
         log.info("%s: DistributedDataParallel over %d processes (%s), batch %d per process = %d per step",
@@ -374,7 +378,7 @@ def _train(
         state = {
             "fingerprint": fingerprint,
             "finished": finished,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": saved_weights(model),  # the raw weights training continues from
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "ema": ema.state_dict() if ema is not None else {},
