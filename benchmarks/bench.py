@@ -41,6 +41,7 @@ from cxr.train import (
 )
 
 WARMUP_STEPS = 2
+SCHEDULE_STEPS = 10**9  # the learning-rate schedule's length: no benchmark outruns it, and its shape costs nothing
 SYNTHETIC_JPEG_SIDE = 1024  # about the size of the data set's X-rays
 Run = Callable[[int], int]  # runs n steps, returns the number of images processed
 
@@ -61,19 +62,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_rates(runs: dict[str, Run], steps: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Images/s of each run: one warm-up call each, then ``repeats`` alternating rounds; best round kept."""
+def timed(run: Run, steps: int, device: torch.device) -> tuple[int, float]:
+    """Images processed by ``run(steps)`` and the seconds it took."""
+    sync(device)
+    started = time.perf_counter()
+    images = run(steps)
+    sync(device)
+    return images, time.perf_counter() - started
+
+
+def best_rates(runs: dict[str, Run], steps: int, repeats: int, device: torch.device, min_seconds: float = 0.0
+               ) -> tuple[dict[str, float], int]:
+    """Images/s of each run (best of ``repeats`` alternating rounds after a warm-up) and the steps per round.
+
+    Every round runs the same number of steps: ``steps``, or more when the slowest run would
+    take under ``min_seconds``. A round of a few milliseconds (20 steps of the head on cached
+    embeddings) mostly times the once-per-call setup, which the train stage pays once an
+    epoch, and the timer's own noise.
+    """
     for run in runs.values():
         run(WARMUP_STEPS)
+    slowest = max(timed(run, steps, device)[1] for run in runs.values())
+    steps = max(steps, math.ceil(steps * min_seconds / max(slowest, 1e-9)))
     rates = dict.fromkeys(runs, 0.0)
     for _ in range(repeats):
         for name, run in runs.items():
-            sync(device)
-            started = time.perf_counter()
-            images = run(steps)
-            sync(device)
-            rates[name] = max(rates[name], images / (time.perf_counter() - started))
-    return rates
+            images, seconds = timed(run, steps, device)
+            rates[name] = max(rates[name], images / seconds)
+    return rates, steps
 
 
 def endless_batches(split: SplitTensors, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -96,13 +112,13 @@ def training_images(size: int, count: int, classes: list[str], synthetic: bool) 
 class Bench:
     """The runs of one model, sharing its optimizer, loss and runtime settings."""
 
-    def __init__(self, params: Params, approach: str, model: nn.Module, device: torch.device, total_steps: int) -> None:
+    def __init__(self, params: Params, approach: str, model: nn.Module, device: torch.device) -> None:
         self.approach, self.recipe, self.runtime = approach, params.approach(approach), params.train
         self.device, self.model = device, model
         self.memory_format = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
         self.eval_batch = params.evaluate.batch_size
         self.optimizer = make_optimizer(self.recipe, [p for p in model.parameters() if p.requires_grad])
-        self.scheduler = make_scheduler(self.recipe, self.optimizer, math.ceil(total_steps / self.recipe.epochs) + 1)
+        self.scheduler = make_scheduler(self.recipe, self.optimizer, SCHEDULE_STEPS // self.recipe.epochs)
         self.ema = make_ema(model, self.recipe.ema_decay)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
         self.common = {"device": device, "amp": self.runtime.amp, "memory_format": self.memory_format, "progress": False}
@@ -159,37 +175,38 @@ def measure(bench: Bench, path: str, data: SplitTensors, augment: bool, args: ar
     runs = {"pipeline": bench.pipeline(data, augment),
             "ceiling": bench.ceiling(data.inputs, pool=args.steps),
             "eval": bench.evaluation(data)}
-    rates = best_rates(runs, args.steps, args.repeats, bench.device)
-    return {"approach": bench.approach, "batch_size": bench.recipe.batch_size, "path": path, **rates}
+    rates, steps = best_rates(runs, args.steps, args.repeats, bench.device, args.min_seconds)
+    return {"approach": bench.approach, "batch_size": bench.recipe.batch_size, "path": path, "steps": steps, **rates}
 
 
 def bench_approach(params: Params, approach: str, data: SplitTensors, device: torch.device, args: argparse.Namespace
                    ) -> list[dict[str, Any]]:
     """One row per measured path (extract has three: cached head, embedding computation, frozen body)."""
     # Pipeline and ceiling both step the optimizer, the learning-rate schedule and any weight average.
-    recipe, total_steps = params.approach(approach), 2 * (WARMUP_STEPS + args.steps * args.repeats)
+    recipe = params.approach(approach)
     memory_format = torch.channels_last if params.train.channels_last else torch.contiguous_format
     model_args = model_args_for(approach, recipe, data.inputs, len(params.data.classes))
     model = build_model(**model_args).to(device, memory_format=memory_format)
     step_model = torch.compile(model) if params.train.compile else model
     if approach != "extract":
         path = "images → augment → step" if recipe.augment.enabled else "images → step"
-        bench = Bench(params, approach, step_model, device, total_steps)
+        bench = Bench(params, approach, step_model, device)
         return [measure(bench, path, data, recipe.augment.enabled, args)]
     model.freeze_body()
-    frozen = Bench(params, approach, step_model, device, total_steps)
+    frozen = Bench(params, approach, step_model, device)
     body_row = measure(frozen, "frozen body every batch (augment on)", data, True, args)
     count = args.steps * recipe.batch_size
     sample = SplitTensors(data.inputs[:count], data.labels[:count])
     amp = params.train.amp
     embeddings = compute_embeddings(model, sample, frozen.eval_batch, device, memory_format, amp)
-    head_row = measure(Bench(params, approach, model.head, device, total_steps), "cached: head on embeddings",
+    head_row = measure(Bench(params, approach, model.head, device), "cached: head on embeddings",
                        embeddings, False, args)
     embed = {"embed": lambda n: len(compute_embeddings(
         model, SplitTensors(sample.inputs[: n * recipe.batch_size], sample.labels[: n * recipe.batch_size]),
         frozen.eval_batch, device, memory_format, amp))}
+    rates, steps = best_rates(embed, args.steps, args.repeats, device, args.min_seconds)
     embed_row = {"approach": approach, "batch_size": frozen.eval_batch, "path": "cached: embed once per split",
-                 "pipeline": best_rates(embed, args.steps, args.repeats, device)["embed"]}
+                 "steps": steps, "pipeline": rates["embed"]}
     return [head_row, embed_row, body_row]
 
 
@@ -220,8 +237,8 @@ def print_table(header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         return "-" if value is None else str(value)
 
     print("  ".join(f"{k}={v}" for k, v in header.items()))
-    columns = ["approach", "path", "batch_size", "pipeline", "ceiling", "ratio", "eval"]
-    titles = ["approach", "path", "batch", "pipeline img/s", "ceiling img/s", "ratio", "eval img/s"]
+    columns = ["approach", "path", "batch_size", "steps", "pipeline", "ceiling", "ratio", "eval"]
+    titles = ["approach", "path", "batch", "steps/round", "pipeline img/s", "ceiling img/s", "ratio", "eval img/s"]
     table = [titles] + [[cell(row, c) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
@@ -236,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--approaches", nargs="+", choices=APPROACHES, default=list(APPROACHES))
     parser.add_argument("--steps", type=positive, default=20, help="timed training steps per round")
     parser.add_argument("--repeats", type=positive, default=3, help="alternating rounds; the best is kept")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="more steps per round when --steps would take less than this")
     parser.add_argument("--image-size", type=positive, help="default: preprocess.image_size")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=METRICS / "bench.json")
@@ -248,8 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = max(params.approach(a).batch_size for a in args.approaches)
     data, source = training_images(size, args.steps * batch, list(params.data.classes), args.synthetic)
     header = {"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
-              "image_size": size, "data": source, "steps": args.steps, "repeats": args.repeats,
-              "eval_batch_size": params.evaluate.batch_size}
+              "image_size": size, "data": source, "steps": args.steps, "min_seconds": args.min_seconds,
+              "repeats": args.repeats, "eval_batch_size": params.evaluate.batch_size}
     rows = [row for approach in args.approaches for row in bench_approach(params, approach, data, device, args)]
     rows.append(decode_rate(size, args.decode_files, params.preprocess.workers, args.synthetic))
     for row in rows:

@@ -31,8 +31,8 @@ def one_thread():
 
 def test_bench_reports_every_approach_with_positive_rates(bench, one_thread, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["--image-size", "32", "--steps", "2", "--repeats", "1", "--decode-files", "3", "--synthetic",
-            "--params", str(ROOT / "params.yaml"), "--out", str(out)]
+    argv = ["--image-size", "32", "--steps", "2", "--repeats", "1", "--min-seconds", "0", "--decode-files", "3",
+            "--synthetic", "--params", str(ROOT / "params.yaml"), "--out", str(out)]
     returned = bench.main(argv)
 
     report = json.loads(out.read_text())
@@ -48,6 +48,27 @@ def test_bench_reports_every_approach_with_positive_rates(bench, one_thread, tmp
     trained = [row for row in rows if "ceiling" in row]
     assert len(trained) == 4 and all({"pipeline", "ceiling", "eval", "ratio"} <= row.keys() for row in trained)
     assert "ceiling img/s" in capsys.readouterr().out
+
+
+def test_rounds_run_the_same_steps_stretched_to_min_seconds(bench, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    calls = {"fast": [], "slow": []}
+
+    def fake_run(name, seconds_per_step):
+        def run(n):
+            calls[name].append(n)
+            clock[0] += n * seconds_per_step
+            return 4 * n
+        return run
+
+    runs = {"fast": fake_run("fast", 0.001), "slow": fake_run("slow", 0.002)}
+    rates, steps = bench.best_rates(runs, steps=10, repeats=2, device=torch.device("cpu"), min_seconds=0.5)
+
+    assert steps == 250  # the slow run's 10 steps take 0.02 s: 25 times as many fill 0.5 s
+    assert calls == {"fast": [bench.WARMUP_STEPS, 10, 250, 250], "slow": [bench.WARMUP_STEPS, 10, 250, 250]}
+    assert rates == {"fast": pytest.approx(4000), "slow": pytest.approx(2000)}
+    assert bench.best_rates(runs, steps=10, repeats=1, device=torch.device("cpu"))[1] == 10
 
 
 def test_extract_cache_gives_the_same_model_as_the_frozen_body_path(one_thread, tmp_path, monkeypatch):

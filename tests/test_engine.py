@@ -1,8 +1,13 @@
-"""Batching: every item once per pass, labels aligned with their images, order from the generator."""
+"""Batching: every item once per pass, labels aligned with their images, order from the generator.
 
+And what a pass reports: its loss is the item-weighted mean of its batches' losses.
+"""
+
+import pytest
 import torch
+from torch import nn
 
-from cxr.engine import batches_in_order, iterate_batches
+from cxr.engine import batches_in_order, evaluate, iterate_batches, train_one_epoch
 
 
 def numbered(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,3 +45,23 @@ def test_batches_follow_a_given_order_with_repeats():
     batches = list(batches_in_order(images, labels, order, 3))
     assert [y.tolist() for _, y in batches] == [[5, 0, 5], [2]]
     assert torch.equal(batches[0][0][:, 0, 0].long(), torch.tensor([5, 0, 5]))
+
+
+@pytest.mark.parametrize("pass_kind", ["train", "evaluate"])
+def test_a_pass_reports_the_item_weighted_mean_of_its_batch_losses(pass_kind):
+    torch.manual_seed(0)
+    model, loss_fn = nn.Linear(4, 3), nn.CrossEntropyLoss(label_smoothing=0.1)
+    inputs, labels = torch.randn(10, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    batches = list(iterate_batches(inputs, labels, 4))  # 4 + 4 + 2 items
+    with torch.no_grad():
+        expected = sum(loss_fn(model(x), y).item() * len(y) for x, y in batches) / len(labels)
+        probabilities = model(inputs).softmax(1)
+    common = {"total": len(labels), "loss_fn": loss_fn, "device": torch.device("cpu"), "progress": False}
+    if pass_kind == "train":  # learning rate 0: every batch sees the same weights
+        result = train_one_epoch(model, iter(batches), optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                 scheduler=None, **common)
+    else:
+        result = evaluate(model, iter(batches), **common)
+    assert result.loss == pytest.approx(expected, rel=1e-6)
+    assert torch.allclose(torch.from_numpy(result.probabilities), probabilities, atol=1e-6)
+    assert result.labels.tolist() == labels.tolist()

@@ -47,30 +47,29 @@ EMPTY_RESULT = EpochResult(0.0, np.empty(0, dtype=np.int64), np.empty((0, 0), dt
 
 
 class _Tally:
-    """Per-batch mean losses, labels and logits, kept on the device that computed them.
+    """Labels and logits of a pass, kept on the device that computed them.
 
-    One host transfer and one softmax per pass instead of per batch: on a GPU that removes a
-    synchronisation from every step, on a CPU some per-step overhead for tiny models.
+    One host transfer, one softmax and one loss per pass instead of per batch: on a GPU that
+    removes a synchronisation from every step, on a CPU per-step work that was 3% of a step of
+    the head trained on cached embeddings. The loss is computed once from the kept logits:
+    the item-weighted mean of the batches' losses, up to float rounding.
     """
 
-    def __init__(self) -> None:
-        self.losses: list[torch.Tensor] = []
+    def __init__(self, loss_fn: nn.Module) -> None:
+        self.loss_fn = loss_fn
         self.labels: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
 
-    def add(self, loss: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> None:
-        self.losses.append(loss)
+    def add(self, labels: torch.Tensor, logits: torch.Tensor) -> None:
         self.labels.append(labels)
         self.logits.append(logits)
 
     def result(self) -> EpochResult:
         if not self.labels:
             return EMPTY_RESULT
-        labels = torch.cat(self.labels)
-        probabilities = torch.cat(self.logits).float().softmax(1)
-        sizes = torch.tensor([len(batch) for batch in self.labels], device=labels.device)
-        loss_sum = torch.dot(torch.stack(self.losses).float(), sizes.float())
-        return EpochResult(float(loss_sum) / len(labels), labels.cpu().numpy(), probabilities.cpu().numpy())
+        labels, logits = torch.cat(self.labels), torch.cat(self.logits).float()
+        loss = self.loss_fn(logits, labels)
+        return EpochResult(float(loss), labels.cpu().numpy(), logits.softmax(1).cpu().numpy())
 
 
 def iterate_batches(
@@ -86,9 +85,8 @@ def iterate_batches(
 
 
 def _slices(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive batches as views (no copy)."""
-    for start in range(0, len(labels), batch_size):
-        yield images[start : start + batch_size], labels[start : start + batch_size]
+    """Consecutive batches as views (no copy), all cut in one call per tensor."""
+    return zip(images.split(batch_size), labels.split(batch_size))
 
 
 def batches_in_order(
@@ -133,7 +131,7 @@ def train_one_epoch(
 ) -> EpochResult:
     """Train for one pass over ``batches``; the scheduler steps, and ``ema`` averages, once per batch."""
     model.train()
-    tally = _Tally()
+    tally = _Tally(loss_fn)
     bar = _progress(total, desc, progress)
     for images, targets in batches:
         x, y = to_input(images, device, memory_format), targets.to(device, non_blocking=True)
@@ -149,7 +147,7 @@ def train_one_epoch(
             scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
-        tally.add(loss.detach(), y, logits.detach())
+        tally.add(y, logits.detach())
         bar.update(len(y))
     bar.close()
     return tally.result()
@@ -169,13 +167,13 @@ def evaluate(
 ) -> EpochResult:
     """Loss and class probabilities over ``batches`` with the model in eval mode."""
     model.eval()
-    tally = _Tally()
+    tally = _Tally(loss_fn)
     bar = _progress(total, desc, progress)
     for images, targets in batches:
         x, y = to_input(images, device, memory_format), targets.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
-        tally.add(loss_fn(logits.float(), y), y, logits)
+        tally.add(y, logits)
         bar.update(len(y))
     bar.close()
     return tally.result()
