@@ -136,9 +136,9 @@ class Bench:
 
         The batches have what the model receives from ``data``: uint8 images become float
         1 x H x W, embeddings keep their dtype. ``pool`` distinct batches are cycled, as many
-        as a timed round of the pipeline draws: reusing one batch would keep it in the CPU
-        cache, which real data never is (this matters for the microsecond-scale head on
-        cached embeddings).
+        as the embedded sample holds (``--steps`` batches): reusing one batch would keep it in
+        the CPU cache, which real data never is (this matters for the microsecond-scale head
+        on cached embeddings).
         """
         shape = (self.recipe.batch_size, *data.shape[1:])
         dtype = torch.float32 if data.dtype == torch.uint8 else data.dtype
