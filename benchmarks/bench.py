@@ -124,12 +124,25 @@ class Bench:
         self.common = {"device": device, "amp": self.runtime.amp, "memory_format": self.memory_format, "progress": False}
 
     def pipeline(self, data: SplitTensors, augment: bool) -> Run:
-        batches = endless_batches(data, self.recipe.batch_size, self.runtime.seed)
+        """``train_one_epoch`` on shuffled passes over ``data``, one call per pass at most, as the train stage calls it.
+
+        One call over a whole round would let its bookkeeping grow to thousands of batches
+        for the head on cached embeddings, which no epoch of the train stage does.
+        """
+        batch_size = self.recipe.batch_size
+        batches, pass_steps = endless_batches(data, batch_size, self.runtime.seed), math.ceil(len(data) / batch_size)
         aug_params, rng = dataclasses.replace(self.recipe.augment, enabled=True), torch.Generator().manual_seed(1)
         transform = (lambda x: augment_batch(x, aug_params, rng)) if augment else None
-        return lambda n: len(train_one_epoch(
-            self.model, itertools.islice(batches, n), n * self.recipe.batch_size, self.optimizer, self.scheduler,
-            self.loss_fn, transform=transform, ema=self.ema, **self.common).labels)
+
+        def run(n: int) -> int:
+            images = 0
+            for start in range(0, n, pass_steps):
+                steps = min(pass_steps, n - start)
+                images += len(train_one_epoch(
+                    self.model, itertools.islice(batches, steps), steps * batch_size, self.optimizer, self.scheduler,
+                    self.loss_fn, transform=transform, ema=self.ema, **self.common).labels)
+            return images
+        return run
 
     def ceiling(self, data: torch.Tensor, pool: int) -> Run:
         """Forward/backward/optimizer, scheduler and weight-average step on random batches already on the device.

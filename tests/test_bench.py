@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import write_processed
+from cxr.engine import EpochResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +70,25 @@ def test_rounds_run_the_same_steps_stretched_to_min_seconds(bench, monkeypatch):
     assert calls == {"fast": [bench.WARMUP_STEPS, 10, 250, 250], "slow": [bench.WARMUP_STEPS, 10, 250, 250]}
     assert rates == {"fast": pytest.approx(4000), "slow": pytest.approx(2000)}
     assert bench.best_rates(runs, steps=10, repeats=1, device=torch.device("cpu"))[1] == 10
+
+
+def test_the_pipeline_calls_train_one_epoch_once_per_pass_at_most(bench, monkeypatch):
+    calls = []
+
+    def fake_train_one_epoch(model, batches, total, *args, **kwargs):
+        labels = [y for _, y in batches]
+        calls.append(len(labels))
+        return EpochResult(0.0, torch.cat(labels).numpy(), torch.zeros(0).numpy())
+
+    monkeypatch.setattr(bench, "train_one_epoch", fake_train_one_epoch)
+    params = bench.load_params(ROOT / "params.yaml")
+    model = bench.build_model("custom_cnn", 3, [0.5], [0.2], width=4)
+    images = 310  # passes of 5 batches (params' batch size 64), the last one 54 images
+    data = bench.SplitTensors(torch.zeros(images, 8, 8, dtype=torch.uint8), torch.zeros(images, dtype=torch.long))
+    run = bench.Bench(params, "custom", model, torch.device("cpu")).pipeline(data, augment=False)
+
+    assert run(12) == 310 + 310 + 2 * 64
+    assert calls == [5, 5, 2]
 
 
 def test_extract_cache_gives_the_same_model_as_the_frozen_body_path(one_thread, tmp_path, monkeypatch):
