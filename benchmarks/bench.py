@@ -124,10 +124,11 @@ class Bench:
         self.common = {"device": device, "amp": self.runtime.amp, "memory_format": self.memory_format, "progress": False}
 
     def pipeline(self, data: SplitTensors, augment: bool) -> Run:
-        """``train_one_epoch`` on shuffled passes over ``data``, one call per pass at most, as the train stage calls it.
+        """``train_one_epoch`` on shuffled passes over ``data``, each call at most a pass's worth of steps.
 
-        One call over a whole round would let its bookkeeping grow to thousands of batches
-        for the head on cached embeddings, which no epoch of the train stage does.
+        The train stage calls it once per epoch; one call over a whole round would let its
+        bookkeeping grow to thousands of batches for the head on cached embeddings. Calls
+        need not start where a pass starts (the warm-up shifts them); the cost is the same.
         """
         batch_size = self.recipe.batch_size
         batches, pass_steps = endless_batches(data, batch_size, self.runtime.seed), math.ceil(len(data) / batch_size)
