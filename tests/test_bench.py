@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/bench.py: it runs end to end and reports every approach (no timing checks)."""
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -103,3 +104,26 @@ def test_extract_cache_gives_the_same_model_as_the_frozen_body_path(one_thread, 
     assert cached["best_epoch"] == full["best_epoch"]
     assert cached["f1_macro"] == pytest.approx(full["f1_macro"], abs=0.005)
     assert report["speedup"] > 0
+
+def test_repeat_to_tiles_the_items_in_order_up_to_the_count(bench):
+    split = bench.SplitTensors(torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 2]))
+    tiled = bench.repeat_to(split, 7)
+
+    assert tiled.labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert tiled.inputs.tolist() == [[0, 1], [2, 3], [4, 5], [0, 1], [2, 3], [4, 5], [0, 1]]
+
+
+def test_the_cached_head_trains_on_passes_as_long_as_an_epoch(bench, one_thread, monkeypatch):
+    measured = {}
+
+    def fake_measure(b, path, data, augment, args):
+        measured[path] = len(data)
+        return {"path": path}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    params = bench.load_params(ROOT / "params.yaml")
+    data, _ = bench.training_images(32, 2 * 64, list(params.data.classes), synthetic=True)
+    args = argparse.Namespace(steps=2, repeats=1, min_seconds=0.0)
+    bench.bench_approach(params, "extract", data, torch.device("cpu"), args, epoch_images=300)
+
+    assert measured == {"frozen body every batch (augment on)": 128, "cached: head on embeddings": 300}
