@@ -109,7 +109,8 @@ def repeat_to(split: SplitTensors, count: int) -> SplitTensors:
     109-batch cxr3 epoch does. What the head computes does not depend on the values.
     """
     reps = math.ceil(count / len(split))
-    return SplitTensors(split.inputs.repeat(reps, 1)[:count], split.labels.repeat(reps)[:count])
+    inputs = split.inputs.repeat(reps, *[1] * (split.inputs.dim() - 1))
+    return SplitTensors(inputs[:count], split.labels.repeat(reps)[:count])
 
 
 def training_images(size: int, count: int, classes: list[str], synthetic: bool) -> tuple[SplitTensors, str]:
@@ -165,7 +166,7 @@ class Bench:
         1 x H x W, embeddings keep their dtype. ``pool`` distinct batches are cycled, as many
         as the embedded sample holds (``--steps`` batches): reusing one batch would keep it in
         the CPU cache, which real data never is (this matters for the microsecond-scale head
-        on cached embeddings).
+        on cached embeddings; a pool as long as its 108-batch pass stepped no faster).
         """
         shape = (self.recipe.batch_size, *data.shape[1:])
         dtype = torch.float32 if data.dtype == torch.uint8 else data.dtype
