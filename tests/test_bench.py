@@ -105,6 +105,7 @@ def test_extract_cache_gives_the_same_model_as_the_frozen_body_path(one_thread, 
     assert cached["f1_macro"] == pytest.approx(full["f1_macro"], abs=0.005)
     assert report["speedup"] > 0
 
+
 def test_repeat_to_tiles_the_items_in_order_up_to_the_count(bench):
     split = bench.SplitTensors(torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 2]))
     tiled = bench.repeat_to(split, 7)
