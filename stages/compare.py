@@ -37,7 +37,8 @@ def main() -> None:
     write_json(paths.SUMMARY_JSON, {"models": reports, "mcnemar": mcnemar, "ensemble_weights": weights})
 
     table = summary_table(scores)
-    summary = summary_markdown(table, reports, sentences, weights, classes, settings.bootstrap_resamples)
+    summary = summary_markdown(table, reports, sentences, weights, classes, settings.bootstrap_resamples,
+                               params.evaluate.tta)
     write_text(paths.SUMMARY_MD, summary)
     atomic_write(paths.SUMMARY_CSV, lambda tmp: table.round(6).to_csv(tmp, index=False))
     bar_chart(table, paths.PLOTS / "compare.png")

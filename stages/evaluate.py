@@ -1,7 +1,8 @@
 """Stage evaluate@<approach>: test scores, predictions, confusion matrix and Grad-CAM gallery of one model.
 
 Validation predictions are written too: the compare stage fits temperature scaling and
-ensemble weights on them, never on the test set.
+ensemble weights on them, never on the test set. Approaches listed in ``evaluate.tta`` are
+scored on both splits with test-time augmentation; Grad-CAM explains the image as it is.
 """
 
 import argparse
@@ -15,6 +16,7 @@ from cxr.files import atomic_write, write_json
 from cxr.params import APPROACHES, load_params
 from cxr.runtime import select_device
 from cxr.saliency import gradcam_gallery, misclassified
+from cxr.tta import ViewAveraged
 
 
 def main() -> None:
@@ -25,7 +27,8 @@ def main() -> None:
     classes = params.data.classes
     device = select_device(params.train.device)
     model, checkpoint = load_trained_model(paths.model_file(approach), classes, device)
-    predict = {"model": model, "checkpoint": checkpoint, "processed_dir": paths.PROCESSED, "classes": classes,
+    scored = ViewAveraged(model) if approach in params.evaluate.tta else model
+    predict = {"model": scored, "checkpoint": checkpoint, "processed_dir": paths.PROCESSED, "classes": classes,
                "batch_size": params.evaluate.batch_size, "device": device}
     val = predict_split(split="val", **predict)
     test = predict_split(split="test", **predict)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from cxr.compare import bar_chart, summary_table, to_markdown
+from cxr.compare import bar_chart, summary_markdown, summary_table, to_markdown
+from cxr.comparison import model_report
 from cxr.evaluation import classification_metrics
 from cxr.predictions import predictions_frame, probabilities_of
 from cxr.params import CLASSES
@@ -47,3 +48,17 @@ def test_table_has_reference_columns_and_bolds_the_best_row(tmp_path):
     assert "**" not in lines[2] + lines[3]
     bar_chart(table, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("tta", "named"), [(["custom"], "Custom CNN."), ([], None)])
+def test_summary_says_which_models_were_scored_with_test_time_augmentation(tta, named):
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=30)
+    frame = predictions_frame([f"{i}.jpg" for i in range(30)], np.arange(30) % 3, probs, CLASSES)
+    reports = {"custom": model_report(frame, CLASSES, 10, 0, 5)}
+    table = summary_table({"custom": _scores(0.9)})
+
+    text = summary_markdown(table, reports, [], {"custom": 1.0}, CLASSES, 10, tta)
+
+    lines = [line for line in text.splitlines() if "test-time augmentation" in line]
+    assert [line.endswith(named) for line in lines] == ([True] if named else [])

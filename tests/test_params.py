@@ -275,3 +275,11 @@ def test_a_round_trip_through_a_written_file_keeps_every_value(tmp_path):
 
     assert params.train_extract.lr == 0.02
     assert params.train_custom == load_params(COMMITTED).train_custom
+
+
+def test_tta_names_approaches_and_defaults_to_the_custom_cnn():
+    assert error_of(with_value("evaluate.tta", ["custom", "resnet"])) == (
+        "params.yaml: evaluate.tta lists 'resnet'; allowed: custom, extract, finetune"
+    )
+    assert parse_params(without("evaluate.tta")).evaluate.tta == ["custom"]
+    assert parse_params(with_value("evaluate.tta", [])).evaluate.tta == []

@@ -17,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from cxr.images import decode_grayscale
 from cxr.models import build_model, load_checkpoint, model_from_checkpoint
 from cxr.predict import find_images, main, predict_files
+from cxr.tta import ViewAveraged
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 IMAGE_SIZE = 32
@@ -121,6 +122,19 @@ def test_json_probabilities_match_the_model_on_pipeline_preprocessing(checkpoint
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert [row["predicted"] for row in results] == [CLASSES[i] for i in expected.argmax(axis=1)]
     assert _skipped_lines(err) == []
+
+
+def test_tta_gives_the_view_averaged_probabilities(checkpoint_path, inputs, capsys):
+    main([str(checkpoint_path), str(inputs["folder"]), "--json", "--tta"])
+    results = json.loads(capsys.readouterr().out)
+    probabilities = np.array([[row["probabilities"][name] for name in CLASSES] for row in results])
+    good = [inputs["folder"] / name for name in GOOD_IN_FOLDER]
+    model = model_from_checkpoint(load_checkpoint(checkpoint_path))
+    images = np.stack([decode_grayscale(path, IMAGE_SIZE) for path in good])
+    with torch.inference_mode():
+        expected = ViewAveraged(model)(torch.from_numpy(images).float().div(255).unsqueeze(1)).exp().numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert not np.allclose(probabilities, _expected_probabilities(checkpoint_path, good), atol=1e-5)
 
 
 def test_predict_files_reports_failures_and_keeps_order(checkpoint_path, inputs):

@@ -32,16 +32,25 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return xs.view(1, 1, width, 1) * t[..., 0] + ys.view(1, height, 1, 1) * t[..., 1] + t[..., 2]
 
 
+def warp(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each image by ``angle`` (radians), zoom it in by ``scale`` and move it by ``shift``.
+
+    One value per image (``shift``: N x 2, in units of half the image side); edges are
+    extended (border padding) so no black corners appear that real films never have.
+    """
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = affine_grid(theta.to(x.device, x.dtype), x.shape[-2], x.shape[-1])
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def random_affine(x: torch.Tensor, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
     """Rotate, scale and translate each image of the batch by its own random amount."""
     n = x.shape[0]
     angle = _uniform(n, math.radians(params.rotation_deg), generator)
     scale = 1 + _uniform(n, params.scale, generator)
     shift = _uniform(2 * n, 2 * params.translate, generator).view(n, 2)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = affine_grid(theta.to(x.device, x.dtype), x.shape[-2], x.shape[-1])
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return warp(x, angle, scale, shift)
 
 
 def random_intensity(x: torch.Tensor, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:

@@ -100,13 +100,18 @@ def per_class_markdown(reports: Mapping[str, Mapping[str, Any]], classes: Sequen
 
 def summary_markdown(
     table: pd.DataFrame, reports: Mapping[str, Mapping[str, Any]], sentences: Sequence[str],
-    weights: Mapping[str, float], classes: Sequence[str], resamples: int,
+    weights: Mapping[str, float], classes: Sequence[str], resamples: int, tta: Sequence[str] = (),
 ) -> str:
-    """The whole comparison in Markdown: headline table, intervals, per-class scores, significance."""
+    """The whole comparison in Markdown: headline table, intervals, per-class scores, significance.
+
+    ``tta`` names the approaches scored with test-time augmentation, which the table must say.
+    """
     weight_text = ", ".join(f"{MODEL_NAMES[name]} {weight:.3f}" for name, weight in weights.items())
+    tta_text = (f"Scored with test-time augmentation (probabilities averaged over rotated and zoomed views of each "
+                f"image, `evaluate.tta`): {', '.join(MODEL_NAMES[name] for name in tta)}.\n" if tta else "")
     return "\n".join([
         to_markdown(table),
-        f"95% confidence intervals: stratified bootstrap, {resamples} resamples of the test set.\n",
+        f"{tta_text}95% confidence intervals: stratified bootstrap, {resamples} resamples of the test set.\n",
         uncertainty_markdown(reports),
         per_class_markdown(reports, classes),
         "Paired comparison on the same test images (exact McNemar test, Holm-corrected across all pairs):\n",

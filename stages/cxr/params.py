@@ -113,6 +113,7 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = field(default=128, metadata=_range(1, 4096))
     gradcam_per_class: int = field(default=3, metadata=_range(0, 50))
+    tta: list[str] = field(default_factory=lambda: ["custom"])  # approaches scored with test-time augmentation
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,9 @@ def parse_params(raw: dict[str, Any]) -> Params:
         raise PipelineError("params.yaml: train_custom.weights must be none (the custom CNN is trained from scratch)")
     for name in ("extract", "finetune"):
         _check_weights(f"train_{name}", params.approach(name).weights)
+    unknown = [name for name in params.evaluate.tta if name not in APPROACHES]
+    if unknown:
+        raise PipelineError(f"params.yaml: evaluate.tta lists {unknown[0]!r}; allowed: {', '.join(APPROACHES)}")
     return params
 
 

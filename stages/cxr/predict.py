@@ -2,13 +2,14 @@
 
 Images go through :func:`cxr.images.decode_grayscale` at the checkpoint's image size and
 through :func:`cxr.engine.to_input`, exactly like the training and evaluation stages, so a
-file gets the same prediction here as it would inside the pipeline. Files are processed in
+file gets the same prediction here as it would inside the pipeline (with ``--tta`` for a model the
+evaluate stage scores with test-time augmentation, ``evaluate.tta``). Files are processed in
 chunks of ``--batch-size``: memory stays bounded however large the folder, and a file that
 cannot be decoded is reported and skipped without stopping the others.
 
 Usage::
 
-    cxr-predict MODEL.pt IMAGE_OR_FOLDER [IMAGE_OR_FOLDER ...] [--json] [--gradcam OUT_DIR] [--batch-size N]
+    cxr-predict MODEL.pt IMAGE_OR_FOLDER [IMAGE_OR_FOLDER ...] [--json] [--gradcam OUT_DIR] [--batch-size N] [--tta]
 
 Exit status: 0 when at least one image was predicted, 1 when none could be (or the model or
 an input path is unusable), 2 for a malformed command line.
@@ -37,6 +38,7 @@ from cxr.engine import to_input
 from cxr.errors import ImageDecodeError, PipelineError
 from cxr.images import IMAGE_SUFFIXES, decode_grayscale, is_candidate_image
 from cxr.models import load_checkpoint, model_from_checkpoint
+from cxr.tta import ViewAveraged
 
 DEFAULT_BATCH_SIZE = 32
 _MAX_DECODE_THREADS = 8
@@ -256,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="images per chunk (default %(default)s)"
     )
+    parser.add_argument(
+        "--tta", action="store_true",
+        help="average the probabilities over rotated and zoomed views of each image, as evaluate.tta does",
+    )
     return parser
 
 
@@ -270,7 +276,8 @@ def _predict_command(argv: Sequence[str] | None) -> None:
     classes = checkpoint_classes(checkpoint)
     gradcam = GradcamWriter(args.gradcam, model, args.batch_size) if args.gradcam else None
     results: list[dict[str, Any]] = []
-    for chunk in iter_predictions(model, checkpoint_image_size(checkpoint), paths, args.batch_size):
+    scored = ViewAveraged(model) if args.tta else model
+    for chunk in iter_predictions(scored, checkpoint_image_size(checkpoint), paths, args.batch_size):
         for path, reason in chunk.failures:
             print(f"skipped {path}: {reason}", file=sys.stderr)
         if gradcam is not None:
