@@ -283,3 +283,31 @@ def test_tta_names_approaches_and_defaults_to_the_custom_cnn():
     )
     assert parse_params(without("evaluate.tta")).evaluate.tta == ["custom"]
     assert parse_params(with_value("evaluate.tta", [])).evaluate.tta == []
+
+
+
+def _list_keys(section: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    keys: dict[str, list[Any]] = {}
+    for name, value in section.items():
+        if isinstance(value, dict):
+            keys.update(_list_keys(value, f"{prefix}{name}."))
+        elif isinstance(value, list):
+            keys[f"{prefix}{name}"] = value
+    return keys
+
+
+@pytest.mark.parametrize(("key", "committed"), _list_keys(_COMMITTED_RAW).items())
+def test_dvc_exp_run_set_param_rewrites_keep_params_yaml_valid(tmp_path, key, committed):
+    """``dvc exp run -S`` rewrites params.yaml (ruamel); a list with a comment after it came back unparsable."""
+    apply_overrides = pytest.importorskip("dvc.utils.hydra").apply_overrides
+    path = tmp_path / "params.yaml"
+    path.write_text(COMMITTED.read_text())
+    value = list(reversed(committed)) if len(committed) > 1 else []
+
+    apply_overrides(str(path), ["train_custom.epochs=5"])
+    apply_overrides(str(path), [f"{key}=[{','.join(value)}]"])
+
+    section, name = key.split(".")
+    params = as_dict(load_params(path))
+    assert params["train_custom"]["epochs"] == 5
+    assert params[section][name] == value
