@@ -222,3 +222,22 @@ def test_misclassified_lists_every_mistake_most_confident_first(predictions):
     assert list(table["path"]) == ["n/3.png", "c/3.png", "n/2.png", "n/4.png"]
     assert np.allclose(table["confidence"], [0.95, 0.6, 0.5, 0.4])
     assert misclassified(predictions[predictions["label"] == predictions["predicted"]], CLASSES).empty
+
+
+def test_gradcam_gallery_explains_the_class_the_table_predicted(tmp_path: Path, predictions, monkeypatch):
+    import cxr.saliency as saliency
+
+    explained = {}
+
+    def fake_heatmaps(model, pixels, target_classes=None):
+        explained["targets"] = target_classes
+        return np.zeros((len(pixels), *pixels.shape[2:]), dtype=np.float32)
+
+    monkeypatch.setattr(saliency, "gradcam_heatmaps", fake_heatmaps)
+    images = np.zeros((predictions.index.max() + 1, 32, 32), dtype=np.uint8)
+
+    saliency.gradcam_gallery(_tiny_cnn(), images, predictions, CLASSES, 2, "custom", tmp_path / "g.png")
+
+    chosen = select_examples(predictions, CLASSES, per_class=2)
+    assert explained["targets"] == [CLASSES.index(name) for name in chosen["predicted"]]
+    assert (tmp_path / "g.png").exists()

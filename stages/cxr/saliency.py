@@ -232,10 +232,13 @@ def gradcam_gallery(
 ) -> None:
     """Select examples from a split's predictions, compute their Grad-CAM maps and draw the gallery.
 
-    ``images`` are the split's uint8 arrays in the same row order as ``frame``.
+    ``images`` are the split's uint8 arrays in the same row order as ``frame``. Each map
+    explains the class ``frame`` predicted, which the tile's title shows, even where the model
+    alone would pick another (``frame`` may hold test-time-augmented predictions).
     """
     examples = select_examples(frame, classes, per_class)
     chosen = images[examples.index.to_numpy()]
     pixels = torch.from_numpy(np.ascontiguousarray(chosen)).unsqueeze(1).float() / 255
-    heatmaps = gradcam_heatmaps(model, pixels) if len(chosen) else np.zeros_like(chosen, dtype=np.float32)
+    targets = [list(classes).index(name) for name in examples["predicted"]]
+    heatmaps = gradcam_heatmaps(model, pixels, targets) if len(chosen) else np.zeros_like(chosen, dtype=np.float32)
     gallery(chosen, heatmaps, examples, classes, title, path)
