@@ -285,7 +285,6 @@ def test_tta_names_approaches_and_defaults_to_the_custom_cnn():
     assert parse_params(with_value("evaluate.tta", [])).evaluate.tta == []
 
 
-
 def _list_keys(section: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
     keys: dict[str, list[Any]] = {}
     for name, value in section.items():

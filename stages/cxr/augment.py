@@ -35,8 +35,8 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def warp(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate each image by ``angle`` (radians), zoom it in by ``scale`` and move it by ``shift``.
 
-    One value per image (``shift``: N x 2, in units of half the image side); edges are
-    extended (border padding) so no black corners appear that real films never have.
+    One value per image (``shift``: N x 2, in units of half the image side). Border padding
+    repeats the edge pixels where the warp uncovers the corners, rather than inventing black.
     """
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
