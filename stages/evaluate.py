@@ -2,7 +2,8 @@
 
 Validation predictions are written too: the compare stage fits temperature scaling and
 ensemble weights on them, never on the test set. Approaches listed in ``evaluate.tta`` are
-scored on both splits with test-time augmentation; Grad-CAM explains the image as it is.
+scored on both splits with test-time augmentation; Grad-CAM shows, on the image as it is,
+why the model favours the class those predictions give.
 """
 
 import argparse
