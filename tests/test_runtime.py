@@ -1,10 +1,16 @@
-"""Runtime knobs: which precision ``train.amp`` gives on each device, and that it is used."""
+"""Runtime knobs: which precision ``train.amp`` gives on each device, and that it is used; host memory reuse."""
+
+import ctypes
+import logging
+import resource
+import sys
 
 import pytest
 import torch
 
 from cxr import runtime
-from cxr.runtime import amp_dtype, autocast, describe_precision
+from cxr.params import RuntimeParams
+from cxr.runtime import amp_dtype, autocast, configure, describe_precision, reuse_freed_memory
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -41,3 +47,35 @@ def test_autocast_makes_a_linear_layer_compute_in_the_chosen_precision(native_bf
     with autocast(CPU, "bf16"):
         out = layer(x)
     assert out.dtype is (torch.bfloat16 if native_bf16 else torch.float32)
+
+
+def _faults_of_a_fresh_64mb_tensor() -> int:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)  # 64 MB, written once and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_reused_memory_takes_no_new_pages_once_large_tensors_recur():
+    assert reuse_freed_memory()
+    faults = [_faults_of_a_fresh_64mb_tensor() for _ in range(12)]  # the heap settles within a few
+    assert sum(faults[-4:]) < 1000, faults  # glibc's default maps each one afresh: 4 x 16,384 faults
+
+
+def test_configure_reuses_memory_only_when_asked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: calls.append(1) or True)
+    configure(RuntimeParams(threads=1, reuse_freed_memory=False))
+    assert calls == []
+    configure(RuntimeParams(threads=1))
+    assert calls == [1]
+
+
+def test_without_glibc_memory_settings_are_left_alone_and_said_so(monkeypatch, caplog):
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    assert reuse_freed_memory() is False
+    with caplog.at_level(logging.INFO, logger="cxr.runtime"):
+        configure(RuntimeParams(threads=1))
+    assert "not glibc" in caplog.text

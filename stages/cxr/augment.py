@@ -24,12 +24,14 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
     The same sampling grid (up to float rounding), four times faster on a CPU: torch builds it
     with a batched matrix product over a homogeneous base grid, which cost more than the
-    warp itself.
+    warp itself. Each row's offset is computed first, so the full-size grid is written once
+    (one ``addcmul``) rather than through three full-size temporaries.
     """
     xs = (torch.arange(width, device=theta.device, dtype=theta.dtype) * 2 + 1) / width - 1
     ys = (torch.arange(height, device=theta.device, dtype=theta.dtype) * 2 + 1) / height - 1
     t = theta.view(-1, 1, 1, 2, 3)
-    return xs.view(1, 1, width, 1) * t[..., 0] + ys.view(1, height, 1, 1) * t[..., 1] + t[..., 2]
+    rows = ys.view(1, height, 1, 1) * t[..., 1] + t[..., 2]
+    return torch.addcmul(rows, xs.view(1, 1, width, 1), t[..., 0])
 
 
 def warp(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,7 @@ class RuntimeParams:
     channels_last: bool = True
     compile: bool = False
     deterministic: bool = False
+    reuse_freed_memory: bool = True
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import logging
 import os
 import random
 
@@ -14,6 +16,9 @@ from cxr.errors import PipelineError
 from cxr.params import RuntimeParams
 
 AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+log = logging.getLogger(__name__)
 
 
 def select_device(name: str) -> torch.device:
@@ -37,8 +42,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reuse_freed_memory() -> bool:
+    """Make glibc keep freed memory for the next allocation instead of giving it back to the system.
+
+    By default glibc maps every large block (over 32 MB, and any size it has not yet seen
+    freed) afresh and unmaps it on free, so each training step page-faults its activations
+    in again: at 224 px on this 2-core CPU, 128,000 faults and a third of a frozen ResNet-18
+    step (448 → 284 ms). Without mmap and trimming, freed blocks are reused, as PyTorch's
+    caching allocator does on a GPU; the process keeps its peak memory until it exits.
+    Returns False, changing nothing, where the C library is not glibc (macOS, musl). Cannot be
+    undone for the process.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+
+
 def configure(runtime: RuntimeParams) -> torch.device:
-    """Apply threads, seeds and determinism from params and return the training device."""
+    """Apply threads, host memory reuse, seeds and determinism from params and return the training device."""
+    if runtime.reuse_freed_memory and not reuse_freed_memory():
+        log.info("train.reuse_freed_memory: the C library is not glibc, so its memory settings stay as they are")
     if runtime.threads > 0:
         torch.set_num_threads(runtime.threads)
     seed_everything(runtime.seed)
