@@ -123,11 +123,8 @@ def to_input(batch: torch.Tensor, device: torch.device, memory_format: torch.mem
     return batch
 
 
-def _progress(total: int, desc: str, enabled: bool) -> tqdm | None:
-    """A progress bar counting images, or None: a loop without one skips a call per batch."""
-    if not enabled:
-        return None
-    return tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0, dynamic_ncols=True)
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, mininterval=1.0, dynamic_ncols=True)
 
 
 def train_one_epoch(
@@ -164,10 +161,8 @@ def train_one_epoch(
         if ema is not None:
             ema.update_parameters(model)
         tally.add(y, logits.detach())
-        if bar is not None:
-            bar.update(len(y))
-    if bar is not None:
-        bar.close()
+        bar.update(len(y))
+    bar.close()
     return tally.result()
 
 
@@ -192,10 +187,8 @@ def evaluate(
         with autocast(device, amp):
             logits = model(x)
         tally.add(y, logits)
-        if bar is not None:
-            bar.update(len(y))
-    if bar is not None:
-        bar.close()
+        bar.update(len(y))
+    bar.close()
     return tally.result()
 
 
