@@ -35,7 +35,7 @@ from cxr.models import build_model
 from cxr.params import APPROACHES, Params, load_params
 from cxr.paths import METRICS, PROCESSED, RAW
 from cxr.preprocess import decode_all
-from cxr.runtime import autocast, configure
+from cxr.runtime import autocast, configure, memory_format_of
 from cxr.train import (
     SplitTensors, compute_embeddings, load_tensors, make_ema, make_optimizer, make_scheduler, model_args_for,
 )
@@ -129,7 +129,7 @@ class Bench:
     def __init__(self, params: Params, approach: str, model: nn.Module, device: torch.device) -> None:
         self.approach, self.recipe, self.runtime = approach, params.approach(approach), params.train
         self.device, self.model = device, model
-        self.memory_format = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
+        self.memory_format = memory_format_of(self.runtime)
         self.eval_batch = params.evaluate.batch_size
         self.optimizer = make_optimizer(self.recipe, [p for p in model.parameters() if p.requires_grad])
         self.scheduler = make_scheduler(self.recipe, self.optimizer, SCHEDULE_STEPS // self.recipe.epochs)
@@ -215,7 +215,7 @@ def bench_approach(params: Params, approach: str, data: SplitTensors, device: to
     """
     # Pipeline and ceiling both step the optimizer, the learning-rate schedule and any weight average.
     recipe = params.approach(approach)
-    memory_format = torch.channels_last if params.train.channels_last else torch.contiguous_format
+    memory_format = memory_format_of(params.train)
     model_args = model_args_for(approach, recipe, data.inputs, len(params.data.classes))
     model = build_model(**model_args).to(device, memory_format=memory_format)
     step_model = torch.compile(model) if params.train.compile else model

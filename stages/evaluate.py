@@ -3,7 +3,9 @@
 Validation predictions are written too: the compare stage fits temperature scaling and
 ensemble weights on them, never on the test set. Approaches listed in ``evaluate.tta`` are
 scored on both splits with test-time augmentation; Grad-CAM shows, on the image as it is,
-why the model favours the class those predictions give.
+why the model favours the class those predictions give. Scores are computed in full fp32
+whatever ``train.amp`` says, so a test result does not depend on the device's precision;
+threads, memory reuse and layout come from ``train`` (speed only).
 """
 
 import argparse
@@ -15,7 +17,7 @@ from cxr.evaluation import classification_metrics, load_trained_model, predict_s
 from cxr.figures import confusion_png
 from cxr.files import atomic_write, write_json
 from cxr.params import APPROACHES, load_params
-from cxr.runtime import select_device
+from cxr.runtime import configure_host, memory_format_of, select_device
 from cxr.saliency import gradcam_gallery, misclassified
 from cxr.tta import ViewAveraged
 
@@ -26,11 +28,13 @@ def main() -> None:
     approach = parser.parse_args().approach
     params = load_params()
     classes = params.data.classes
-    device = select_device(params.train.device)
+    configure_host(params.train)
+    device, layout = select_device(params.train.device), memory_format_of(params.train)
     model, checkpoint = load_trained_model(paths.model_file(approach), classes, device)
+    model = model.to(memory_format=layout)
     scored = ViewAveraged(model) if approach in params.evaluate.tta else model
     predict = {"model": scored, "checkpoint": checkpoint, "processed_dir": paths.PROCESSED, "classes": classes,
-               "batch_size": params.evaluate.batch_size, "device": device}
+               "batch_size": params.evaluate.batch_size, "device": device, "memory_format": layout}
     val = predict_split(split="val", **predict)
     test = predict_split(split="test", **predict)
 

@@ -2,11 +2,14 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 
+from conftest import write_processed
 from cxr.compare import bar_chart, summary_markdown, summary_table, to_markdown
 from cxr.comparison import model_report
-from cxr.evaluation import classification_metrics
+from cxr.evaluation import classification_metrics, predict_split
+from cxr.models import build_model
 from cxr.predictions import predictions_frame, probabilities_of
 from cxr.params import CLASSES
 
@@ -26,6 +29,20 @@ def test_metrics_match_scikit_learn_and_list_an_absent_class():
     )
     assert scores["per_class"]["PNEUMONIA"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert scores["confusion_matrix"]["rows_true_columns_predicted"] == [[2, 1, 0], [1, 2, 0], [0, 0, 0]]
+
+
+def test_channels_last_evaluation_gives_the_contiguous_probabilities(tmp_path):
+    write_processed(tmp_path, {"test": 5})
+    torch.manual_seed(0)
+    model = build_model("custom_cnn", 3, [0.5], [0.2], width=8).eval()
+    checkpoint = {"approach": "custom", "image_size": 32}
+    tables = [
+        predict_split(model.to(memory_format=layout), checkpoint, tmp_path, "test", CLASSES, 4, torch.device("cpu"),
+                      memory_format=layout).table
+        for layout in (torch.contiguous_format, torch.channels_last)
+    ]
+    assert len(tables[0]) == 15
+    np.testing.assert_allclose(probabilities_of(tables[1], CLASSES), probabilities_of(tables[0], CLASSES), atol=1e-5)
 
 
 def test_predictions_frame_round_trips_probabilities():

@@ -10,7 +10,9 @@ import torch
 
 from cxr import runtime
 from cxr.params import RuntimeParams
-from cxr.runtime import amp_dtype, autocast, configure, describe_precision, reuse_freed_memory
+from cxr.runtime import (
+    amp_dtype, autocast, configure, configure_host, describe_precision, memory_format_of, reuse_freed_memory,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -69,6 +71,21 @@ def test_configure_reuses_memory_only_when_asked(monkeypatch):
     assert calls == []
     configure(RuntimeParams(threads=1))
     assert calls == [1]
+
+
+def test_evaluation_gets_threads_memory_reuse_and_layout_but_keeps_its_random_state(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: calls.append(1) or True)
+    threads = torch.get_num_threads()
+    torch.manual_seed(7)
+    try:
+        configure_host(RuntimeParams(threads=1, seed=42))
+        assert calls == [1] and torch.get_num_threads() == 1
+        assert torch.initial_seed() == 7
+    finally:
+        torch.set_num_threads(threads)
+    assert memory_format_of(RuntimeParams(channels_last=True)) == torch.channels_last
+    assert memory_format_of(RuntimeParams(channels_last=False)) == torch.contiguous_format
 
 
 def test_without_glibc_memory_settings_are_left_alone_and_said_so(monkeypatch, caplog):

@@ -37,9 +37,9 @@ class SplitPredictions:
 
 def predict_split(
     model: nn.Module, checkpoint: dict[str, Any], processed_dir: Path, split: str, classes: Sequence[str],
-    batch_size: int, device: torch.device,
+    batch_size: int, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format,
 ) -> SplitPredictions:
-    """Run a trained model over a preprocessed split."""
+    """Run a trained model over a preprocessed split, its batches in ``memory_format`` (the model's layout)."""
     images, labels, rows = load_split(processed_dir, split, classes)
     if images.shape[-1] != checkpoint["image_size"]:
         raise PipelineError(
@@ -52,6 +52,7 @@ def predict_split(
         len(labels),
         nn.CrossEntropyLoss(),
         device,
+        memory_format=memory_format,
         desc=f"{checkpoint['approach']} {split}",
     )
     return SplitPredictions(images, predictions_frame(rows["path"], labels, result.probabilities, classes))

@@ -38,7 +38,7 @@ from cxr.files import atomic_write
 from cxr.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, backbone_weights, build_model, imagenet_state_dict
 from cxr.params import Params, TrainParams, as_dict
 from cxr.preprocess import load_split
-from cxr.runtime import autocast, configure, describe_precision
+from cxr.runtime import autocast, configure, describe_precision, memory_format_of
 
 log = logging.getLogger(__name__)
 ARCH_BY_APPROACH = {"custom": "custom_cnn", "extract": "resnet18", "finetune": "resnet18"}
@@ -313,7 +313,7 @@ def _train(
     model_args = model_args_for(approach, recipe, train_split.inputs, len(classes))
     needs_backbone = model_args["arch"] == "resnet18" and resumed is None
     backbone = backbone_weights(recipe.weights, imagenet) if needs_backbone else None
-    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    memory_format = memory_format_of(runtime)
     model = build_model(**model_args, backbone_state=backbone).to(device, memory_format=memory_format)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
