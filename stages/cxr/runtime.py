@@ -64,7 +64,7 @@ def configure_host(runtime: RuntimeParams) -> None:
     """Apply threads and host memory reuse from params: what evaluation shares with training.
 
     Evaluation needs them as much as training does (a CPU evaluates a ResNet-18 at 224 px
-    1.8x faster with freed memory reused), but not the seeds or the autotuned kernels that
+    1.7x faster with freed memory reused), but not the seeds or the autotuned kernels that
     :func:`configure` adds.
     """
     if runtime.reuse_freed_memory and not reuse_freed_memory():
