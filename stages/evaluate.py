@@ -30,8 +30,7 @@ def main() -> None:
     classes = params.data.classes
     configure_host(params.train)
     device, layout = select_device(params.train.device), memory_format_of(params.train)
-    model, checkpoint = load_trained_model(paths.model_file(approach), classes, device)
-    model = model.to(memory_format=layout)
+    model, checkpoint = load_trained_model(paths.model_file(approach), classes, device, layout)
     scored = ViewAveraged(model) if approach in params.evaluate.tta else model
     predict = {"model": scored, "checkpoint": checkpoint, "processed_dir": paths.PROCESSED, "classes": classes,
                "batch_size": params.evaluate.batch_size, "device": device, "memory_format": layout}

@@ -19,12 +19,15 @@ from cxr.models import load_checkpoint, model_from_checkpoint
 from cxr.predictions import predictions_frame
 from cxr.preprocess import load_split
 
-def load_trained_model(model_path: Path, classes: Sequence[str], device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def load_trained_model(
+    model_path: Path, classes: Sequence[str], device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[nn.Module, dict[str, Any]]:
     """A checkpoint written by training, checked against the params' classes, in eval mode on ``device``."""
     checkpoint = load_checkpoint(model_path)
     if list(checkpoint["classes"]) != list(classes):
         raise PipelineError(f"{model_path} was trained for classes {checkpoint['classes']}, params list {list(classes)}")
-    return model_from_checkpoint(checkpoint, str(model_path)).to(device), checkpoint
+    return model_from_checkpoint(checkpoint, str(model_path)).to(device, memory_format=memory_format), checkpoint
 
 
 @dataclass
