@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.engine import batches_in_order, evaluate, iterate_batches, train_one_epoch
+from cxr.engine import batches_in_order, evaluate, iterate_batches, model_batches, train_one_epoch
 
 
 def numbered(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +47,38 @@ def test_batches_follow_a_given_order_with_repeats():
     assert torch.equal(batches[0][0][:, 0, 0].long(), torch.tensor([5, 0, 5]))
 
 
+def test_cached_embeddings_on_the_device_reach_the_model_untouched():
+    inputs, labels = torch.randn(10, 4), torch.arange(10)
+    batches = list(iterate_batches(inputs, labels, 4))
+    passed = list(model_batches(iter(batches), torch.device("cpu")))
+    assert all(x is bx and y is by for (x, y), (bx, by) in zip(passed, batches, strict=True))
+
+
+def test_uint8_images_become_float_model_inputs_in_the_memory_format():
+    images, labels = numbered(5)
+    batches = list(model_batches(iterate_batches(images, labels, 2), torch.device("cpu"), torch.channels_last))
+    assert [tuple(x.shape) for x, _ in batches] == [(2, 1, 2, 2), (2, 1, 2, 2), (1, 1, 2, 2)]
+    assert all(x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
+    assert torch.equal(torch.cat([x[:, 0, 0, 0] for x, _ in batches]), labels.float() / 255)
+
+
+def test_the_transform_applies_to_every_batch_of_either_kind():
+    double = lambda x: x * 2  # noqa: E731
+    inputs, labels = torch.randn(6, 4), torch.arange(6)
+    embedded = list(model_batches(iterate_batches(inputs, labels, 4), torch.device("cpu"), transform=double))
+    assert torch.equal(torch.cat([x for x, _ in embedded]), inputs * 2)
+    images, labels = numbered(3)
+    pixels = list(model_batches(iterate_batches(images, labels, 2), torch.device("cpu"), transform=double))
+    assert torch.equal(torch.cat([x[:, 0, 0, 0] for x, _ in pixels]), labels.float() / 255 * 2)
+
+
+def test_no_batches_give_no_model_batches():
+    assert list(model_batches(iter([]), torch.device("cpu"))) == []
+
+
+@pytest.mark.parametrize("progress", [False, True])
 @pytest.mark.parametrize("pass_kind", ["train", "evaluate"])
-def test_a_pass_reports_the_item_weighted_mean_of_its_batch_losses(pass_kind):
+def test_a_pass_reports_the_item_weighted_mean_of_its_batch_losses(pass_kind, progress):
     torch.manual_seed(0)
     model, loss_fn = nn.Linear(4, 3), nn.CrossEntropyLoss(label_smoothing=0.1)
     inputs, labels = torch.randn(10, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
@@ -56,7 +86,7 @@ def test_a_pass_reports_the_item_weighted_mean_of_its_batch_losses(pass_kind):
     with torch.no_grad():
         expected = sum(loss_fn(model(x), y).item() * len(y) for x, y in batches) / len(labels)
         probabilities = model(inputs).softmax(1)
-    common = {"total": len(labels), "loss_fn": loss_fn, "device": torch.device("cpu"), "progress": False}
+    common = {"total": len(labels), "loss_fn": loss_fn, "device": torch.device("cpu"), "progress": progress}
     if pass_kind == "train":  # learning rate 0: every batch sees the same weights
         result = train_one_epoch(model, iter(batches), optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
                                  scheduler=None, **common)

@@ -6,7 +6,8 @@ so the time of a step goes into the model's arithmetic, not into decoding or cop
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,8 +124,54 @@ def to_input(batch: torch.Tensor, device: torch.device, memory_format: torch.mem
     return batch
 
 
-def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False, mininterval=1.0, dynamic_ncols=True)
+def model_batches(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    transform: BatchTransform | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` as the model takes them: inputs through :func:`to_input` and ``transform``, labels on ``device``.
+
+    A pass's batches are cut from one split, so its first batch tells whether any of them needs
+    work. Cached embeddings already on the device pass through untouched: for the head trained
+    on them, two calls per step are 1-2% of the step (``benchmarks/bench.py``).
+    """
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return iter(())
+    batches = itertools.chain([first], batches)
+    images, labels = first
+    if transform is None and images.dtype != torch.uint8 and images.device == device and labels.device == device:
+        return batches
+    return _converted(batches, device, memory_format, transform)
+
+
+def _converted(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    memory_format: torch.memory_format,
+    transform: BatchTransform | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for images, labels in batches:
+        x = to_input(images, device, memory_format)
+        yield (x if transform is None else transform(x)), to_device(labels, device)
+
+
+def _with_progress(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], total: int, desc: str, enabled: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` counted in images on a tqdm bar; without the bar, untouched (no per-step call)."""
+    return _counted(batches, total, desc) if enabled else batches
+
+
+def _counted(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], total: int, desc: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    with tqdm(total=total, desc=desc, unit="img", leave=False, mininterval=1.0, dynamic_ncols=True) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch[1]))
 
 
 def train_one_epoch(
@@ -145,11 +192,7 @@ def train_one_epoch(
     """Train for one pass over ``batches``; the scheduler steps, and ``ema`` averages, once per batch."""
     model.train()
     tally = _Tally(loss_fn)
-    bar = _progress(total, desc, progress)
-    for images, targets in batches:
-        x, y = to_input(images, device, memory_format), to_device(targets, device)
-        if transform is not None:
-            x = transform(x)
+    for x, y in _with_progress(model_batches(batches, device, memory_format, transform), total, desc, progress):
         with autocast(device, amp):
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -161,8 +204,6 @@ def train_one_epoch(
         if ema is not None:
             ema.update_parameters(model)
         tally.add(y, logits.detach())
-        bar.update(len(y))
-    bar.close()
     return tally.result()
 
 
@@ -181,14 +222,10 @@ def evaluate(
     """Loss and class probabilities over ``batches`` with the model in eval mode."""
     model.eval()
     tally = _Tally(loss_fn)
-    bar = _progress(total, desc, progress)
-    for images, targets in batches:
-        x, y = to_input(images, device, memory_format), to_device(targets, device)
+    for x, y in _with_progress(model_batches(batches, device, memory_format), total, desc, progress):
         with autocast(device, amp):
             logits = model(x)
         tally.add(y, logits)
-        bar.update(len(y))
-    bar.close()
     return tally.result()
 
 
