@@ -264,7 +264,7 @@ def print_table(header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     def cell(row: dict[str, Any], column: str) -> str:
         value = row.get(column)
         if isinstance(value, float):
-            return f"{value:.2f}" if column == "ratio" else f"{value:,.1f}"
+            return f"{value:.3f}" if column == "ratio" else f"{value:,.1f}"
         return "-" if value is None else str(value)
 
     print("  ".join(f"{k}={v}" for k, v in header.items()))

@@ -133,8 +133,9 @@ def model_batches(
     """``batches`` as the model takes them: inputs through :func:`to_input` and ``transform``, labels on ``device``.
 
     A pass's batches are cut from one split, so its first batch tells whether any of them needs
-    work. Cached embeddings already on the device pass through untouched: for the head trained
-    on them, two calls per step are 1-2% of the step (``benchmarks/bench.py``).
+    work. Cached embeddings already on the device pass through untouched: the head trained on
+    them steps in about 0.25 ms on a CPU, and the per-batch checks plus a hidden progress bar's
+    update made its passes 1.5% slower.
     """
     batches = iter(batches)
     first = next(batches, None)
