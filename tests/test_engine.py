@@ -3,6 +3,8 @@
 And what a pass reports: its loss is the item-weighted mean of its batches' losses.
 """
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,20 @@ def test_the_transform_applies_to_every_batch_of_either_kind():
     images, labels = numbered(3)
     pixels = list(model_batches(iterate_batches(images, labels, 2), torch.device("cpu"), transform=double))
     assert torch.equal(torch.cat([x[:, 0, 0, 0] for x, _ in pixels]), labels.float() / 255 * 2)
+
+
+def test_the_untransformed_input_is_freed_before_the_step():
+    """Holding it through the step kept a second input batch alive: +0.24 GB peak training the custom CNN at 224 px."""
+    untransformed = []
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        untransformed.append(weakref.ref(x))
+        return x * 2
+
+    images, labels = numbered(4)
+    batches = model_batches(iterate_batches(images, labels, 2), torch.device("cpu"), transform=double)
+    x, _ = next(batches)
+    assert untransformed[0]() is None and x is not None
 
 
 def test_no_batches_give_no_model_batches():

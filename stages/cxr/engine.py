@@ -156,7 +156,9 @@ def _converted(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for images, labels in batches:
         x = to_input(images, device, memory_format)
-        yield (x if transform is None else transform(x)), to_device(labels, device)
+        if transform is not None:
+            x = transform(x)
+        yield x, to_device(labels, device)
 
 
 def _with_progress(
