@@ -44,6 +44,7 @@ WARMUP_STEPS = 2
 SCHEDULE_STEPS = 10**9  # the learning-rate schedule's length: no benchmark outruns it, and its shape costs nothing
 SYNTHETIC_JPEG_SIDE = 1024  # about the size of the data set's X-rays
 CXR3_TRAIN_IMAGES = 6927  # a training epoch of cxr3 (109 batches of 64): the cached head's pass on synthetic data
+CEILING_POOL_BYTES = 256 * 2**20  # distinct random batches the ceiling cycles: 20 of the custom CNN's at 224 px
 Run = Callable[[int], int]  # runs n steps, returns the number of images processed
 
 
@@ -72,25 +73,30 @@ def timed(run: Run, steps: int, device: torch.device) -> tuple[int, float]:
     return images, time.perf_counter() - started
 
 
-def best_rates(runs: dict[str, Run], steps: int, repeats: int, device: torch.device, min_seconds: float = 0.0
-               ) -> tuple[dict[str, float], int]:
-    """Images/s of each run (best of ``repeats`` alternating rounds after a warm-up) and the steps per round.
+def best_rates(runs: dict[str, Run], steps: int, repeats: int, device: torch.device, min_seconds: float = 0.0,
+               min_total: float = 0.0) -> tuple[dict[str, float], int, int]:
+    """Images/s of each run (best of alternating rounds after a warm-up), the steps per round and the rounds.
 
     Every round runs the same number of steps: ``steps``, or more when the slowest run would
     take under ``min_seconds``. A round of a few milliseconds (20 steps of the head on cached
     embeddings) mostly times the once-per-call setup, which the train stage pays once an
-    epoch, and the timer's own noise.
+    epoch, and the timer's own noise. There are ``repeats`` rounds, or more when the slowest
+    run's rounds would add up to less than ``min_total`` seconds: a best of three 1-second
+    rounds is a small sample of a shared machine's load (the head's ratio spread over
+    0.912-0.956 in six runs with 3 rounds, 0.914-0.935 with 10), while an image model's
+    10-second rounds are long enough as they are.
     """
     for run in runs.values():
         run(WARMUP_STEPS)
     slowest = max(timed(run, steps, device)[1] for run in runs.values())
-    steps = max(steps, math.ceil(steps * min_seconds / max(slowest, 1e-9)))
+    round_steps = max(steps, math.ceil(steps * min_seconds / max(slowest, 1e-9)))
+    rounds = max(repeats, math.ceil(min_total / max(slowest * round_steps / steps, 1e-9)))
     rates = dict.fromkeys(runs, 0.0)
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, run in runs.items():
-            images, seconds = timed(run, steps, device)
+            images, seconds = timed(run, round_steps, device)
             rates[name] = max(rates[name], images / seconds)
-    return rates, steps
+    return rates, round_steps, rounds
 
 
 def endless_batches(split: SplitTensors, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -159,20 +165,24 @@ class Bench:
             return images
         return run
 
-    def ceiling(self, data: torch.Tensor, pool: int) -> Run:
+    def ceiling(self, data: torch.Tensor) -> Run:
         """Forward/backward/optimizer, scheduler and weight-average step on random batches already on the device.
 
         The batches have what the model receives from ``data``: uint8 images become float
-        1 x H x W, embeddings keep their dtype. ``pool`` distinct batches are cycled, as many
-        as the embedded sample holds (``--steps`` batches): reusing one batch would keep it in
-        the CPU cache, which real data never is (this matters for the microsecond-scale head
-        on cached embeddings; a pool as long as its 108-batch pass stepped no faster).
+        1 x H x W, embeddings keep their dtype. They are as many as a pass over ``data`` has
+        (at most ``CEILING_POOL_BYTES`` of them), cycled: the pipeline reads a pass's worth of
+        distinct data too. A pool small enough to stay in the CPU caches would time a step the
+        pipeline cannot take: the head on cached embeddings stepped 1% faster in the median and
+        4% in the mean on 20 batches (1.3 MB) than on a 6,927-item pass's 109 (7 MB).
         """
-        shape = (self.recipe.batch_size, *data.shape[1:])
+        batch_size = self.recipe.batch_size
+        shape = (batch_size, *data.shape[1:])
         dtype = torch.float32 if data.dtype == torch.uint8 else data.dtype
+        batch_bytes = math.prod(shape) * dtype.itemsize
+        pool = min(math.ceil(len(data) / batch_size), max(1, CEILING_POOL_BYTES // batch_bytes))
         xs = [torch.rand(shape, device=self.device, dtype=dtype) for _ in range(pool)]
         xs = [x.unsqueeze(1).contiguous(memory_format=self.memory_format) if x.dim() == 3 else x for x in xs]
-        y = torch.randint(0, 3, (self.recipe.batch_size,), device=self.device)
+        y = torch.randint(0, 3, (batch_size,), device=self.device)
         batches = itertools.cycle(xs)
 
         def run(n: int) -> int:
@@ -201,10 +211,11 @@ class Bench:
 def measure(bench: Bench, path: str, data: SplitTensors, augment: bool, args: argparse.Namespace) -> dict[str, Any]:
     """Pipeline, ceiling and evaluation of one model on ``data``, in alternating rounds."""
     runs = {"pipeline": bench.pipeline(data, augment),
-            "ceiling": bench.ceiling(data.inputs, pool=args.steps),
+            "ceiling": bench.ceiling(data.inputs),
             "eval": bench.evaluation(data)}
-    rates, steps = best_rates(runs, args.steps, args.repeats, bench.device, args.min_seconds)
-    return {"approach": bench.approach, "batch_size": bench.recipe.batch_size, "path": path, "steps": steps, **rates}
+    rates, steps, rounds = best_rates(runs, args.steps, args.repeats, bench.device, args.min_seconds, args.min_total)
+    return {"approach": bench.approach, "batch_size": bench.recipe.batch_size, "path": path, "steps": steps,
+            "rounds": rounds, **rates}
 
 
 def bench_approach(params: Params, approach: str, data: SplitTensors, device: torch.device, args: argparse.Namespace,
@@ -235,9 +246,9 @@ def bench_approach(params: Params, approach: str, data: SplitTensors, device: to
     embed = {"embed": lambda n: len(compute_embeddings(
         model, SplitTensors(sample.inputs[: n * recipe.batch_size], sample.labels[: n * recipe.batch_size]),
         frozen.eval_batch, device, memory_format, amp))}
-    rates, steps = best_rates(embed, args.steps, args.repeats, device, args.min_seconds)
+    rates, steps, rounds = best_rates(embed, args.steps, args.repeats, device, args.min_seconds, args.min_total)
     embed_row = {"approach": approach, "batch_size": frozen.eval_batch, "path": "cached: embed once per split",
-                 "steps": steps, "pipeline": rates["embed"]}
+                 "steps": steps, "rounds": rounds, "pipeline": rates["embed"]}
     return [head_row, embed_row, body_row]
 
 
@@ -268,14 +279,15 @@ def print_table(header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         return "-" if value is None else str(value)
 
     print("  ".join(f"{k}={v}" for k, v in header.items()))
-    columns = ["approach", "path", "batch_size", "steps", "pipeline", "ceiling", "ratio", "eval"]
-    titles = ["approach", "path", "batch", "steps/round", "pipeline img/s", "ceiling img/s", "ratio", "eval img/s"]
+    columns = ["approach", "path", "batch_size", "steps", "rounds", "pipeline", "ceiling", "ratio", "eval"]
+    titles = ["approach", "path", "batch", "steps/round", "rounds", "pipeline img/s", "ceiling img/s", "ratio",
+              "eval img/s"]
     table = [titles] + [[cell(row, c) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
     print("pipeline = train_one_epoch on in-memory uint8 images (or cached embeddings); ceiling = same model and batch "
-          "stepping on as many random on-device batches; 'cached: embed' runs once per split, not per epoch")
+          "stepping on a pass's worth of random on-device batches; 'cached: embed' runs once per split, not per epoch")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -286,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=positive, default=3, help="alternating rounds; the best is kept")
     parser.add_argument("--min-seconds", type=float, default=1.0,
                         help="more steps per round when --steps would take less than this")
+    parser.add_argument("--min-total", type=float, default=10.0,
+                        help="more rounds when --repeats rounds of the slowest run would take less than this (seconds)")
     parser.add_argument("--image-size", type=positive, help="default: preprocess.image_size")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=METRICS / "bench.json")
@@ -302,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     epoch_images = args.epoch_images or (CXR3_TRAIN_IMAGES if source == "synthetic" else len(data))
     header = {"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
               "image_size": size, "data": source, "steps": args.steps, "min_seconds": args.min_seconds,
-              "repeats": args.repeats, "eval_batch_size": params.evaluate.batch_size, "head_epoch": epoch_images}
+              "repeats": args.repeats, "min_total": args.min_total, "eval_batch_size": params.evaluate.batch_size,
+              "head_epoch": epoch_images}
     rows = [row for approach in args.approaches
             for row in bench_approach(params, approach, data, device, args, epoch_images)]
     rows.append(decode_rate(size, args.decode_files, params.preprocess.workers, args.synthetic))

@@ -65,12 +65,40 @@ def test_rounds_run_the_same_steps_stretched_to_min_seconds(bench, monkeypatch):
         return run
 
     runs = {"fast": fake_run("fast", 0.001), "slow": fake_run("slow", 0.002)}
-    rates, steps = bench.best_rates(runs, steps=10, repeats=2, device=torch.device("cpu"), min_seconds=0.5)
+    rates, steps, rounds = bench.best_rates(runs, steps=10, repeats=2, device=torch.device("cpu"), min_seconds=0.5)
 
-    assert steps == 250  # the slow run's 10 steps take 0.02 s: 25 times as many fill 0.5 s
+    assert (steps, rounds) == (250, 2)  # the slow run's 10 steps take 0.02 s: 25 times as many fill 0.5 s
     assert calls == {"fast": [bench.WARMUP_STEPS, 10, 250, 250], "slow": [bench.WARMUP_STEPS, 10, 250, 250]}
     assert rates == {"fast": pytest.approx(4000), "slow": pytest.approx(2000)}
-    assert bench.best_rates(runs, steps=10, repeats=1, device=torch.device("cpu"))[1] == 10
+    assert bench.best_rates(runs, steps=10, repeats=1, device=torch.device("cpu"))[1:] == (10, 1)
+
+
+def test_short_rounds_are_repeated_until_the_slowest_run_has_min_total_seconds(bench, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def run(n):
+        clock[0] += n * 0.01
+        return n
+
+    rates, steps, rounds = bench.best_rates({"only": run}, steps=10, repeats=2, device=torch.device("cpu"),
+                                            min_seconds=0.5, min_total=1.8)
+    assert (steps, rounds) == (50, 4)  # 0.5-second rounds: 4 of them reach 1.8 s
+    assert bench.best_rates({"only": run}, steps=10, repeats=3, device=torch.device("cpu"), min_total=0.2)[2] == 3
+
+
+def test_the_ceiling_cycles_a_pass_worth_of_distinct_batches_within_its_memory_cap(bench, one_thread, monkeypatch):
+    params = bench.load_params(ROOT / "params.yaml")
+    head = torch.nn.Linear(512, 3)
+    ceiling = bench.Bench(params, "extract", head, torch.device("cpu")).ceiling(torch.zeros(6927, 512))
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].data_ptr()))
+
+    assert ceiling(2 * 109) == 2 * 109 * 64
+    assert len(set(seen)) == 109 and seen[:109] == seen[109:]  # a pass of 6,927 items has 109 batches of 64
+    monkeypatch.setattr(bench, "CEILING_POOL_BYTES", 3 * 64 * 512 * 4)
+    bench.Bench(params, "extract", head, torch.device("cpu")).ceiling(torch.zeros(6927, 512))(7)
+    assert len(set(seen[2 * 109:])) == 3
 
 
 def test_the_pipeline_calls_train_one_epoch_once_per_pass_at_most(bench, monkeypatch):
@@ -124,7 +152,7 @@ def test_the_cached_head_trains_on_passes_as_long_as_an_epoch(bench, one_thread,
     monkeypatch.setattr(bench, "measure", fake_measure)
     params = bench.load_params(ROOT / "params.yaml")
     data, _ = bench.training_images(32, 2 * 64, list(params.data.classes), synthetic=True)
-    args = argparse.Namespace(steps=2, repeats=1, min_seconds=0.0)
+    args = argparse.Namespace(steps=2, repeats=1, min_seconds=0.0, min_total=0.0)
     bench.bench_approach(params, "extract", data, torch.device("cpu"), args, epoch_images=300)
 
     assert measured == {"frozen body every batch (augment on)": 128, "cached: head on embeddings": 300}
