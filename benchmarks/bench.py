@@ -29,7 +29,7 @@ from torch import nn
 
 from cxr.augment import augment_batch
 from cxr.cli import run
-from cxr.engine import evaluate, iterate_batches, train_one_epoch
+from cxr.engine import evaluate, iterate_batches, to_input, train_one_epoch
 from cxr.images import IMAGE_SUFFIXES
 from cxr.models import build_model
 from cxr.params import APPROACHES, Params, load_params
@@ -168,20 +168,18 @@ class Bench:
     def ceiling(self, data: torch.Tensor) -> Run:
         """Forward/backward/optimizer, scheduler and weight-average step on random batches already on the device.
 
-        The batches have what the model receives from ``data``: uint8 images become float
-        1 x H x W, embeddings keep their dtype. They are as many as a pass over ``data`` has
+        The batches have the shape, dtype and memory format :func:`to_input` gives a batch of
+        ``data`` (float 1 x H x W images, embeddings as they are). They are as many as a pass over ``data`` has
         (at most ``CEILING_POOL_BYTES`` of them), cycled: the pipeline reads a pass's worth of
         distinct data too. A pool small enough to stay in the CPU caches would time a step the
         pipeline cannot take: the head on cached embeddings stepped 1% faster in the median and
         4% in the mean on 20 batches (1.3 MB) than on a 6,927-item pass's 109 (7 MB).
         """
         batch_size = self.recipe.batch_size
-        shape = (batch_size, *data.shape[1:])
-        dtype = torch.float32 if data.dtype == torch.uint8 else data.dtype
-        batch_bytes = math.prod(shape) * dtype.itemsize
+        template = to_input(data[:batch_size], self.device, self.memory_format)
+        batch_bytes = template.nelement() * template.element_size()
         pool = min(math.ceil(len(data) / batch_size), max(1, CEILING_POOL_BYTES // batch_bytes))
-        xs = [torch.rand(shape, device=self.device, dtype=dtype) for _ in range(pool)]
-        xs = [x.unsqueeze(1).contiguous(memory_format=self.memory_format) if x.dim() == 3 else x for x in xs]
+        xs = [torch.rand_like(template) for _ in range(pool)]
         y = torch.randint(0, 3, (batch_size,), device=self.device)
         batches = itertools.cycle(xs)
 

@@ -116,10 +116,15 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor if tensor.device == device else tensor.to(device, non_blocking=True)
 
 
+def _is_pixels(batch: torch.Tensor) -> bool:
+    """Whether ``batch`` holds stored uint8 pixels, which :func:`to_input` converts; anything else is a model input."""
+    return batch.dtype == torch.uint8
+
+
 def to_input(batch: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
     """uint8 (B, H, W) → float (B, 1, H, W) in [0, 1] on ``device``; other tensors are just moved."""
     batch = to_device(batch, device)
-    if batch.dtype == torch.uint8:
+    if _is_pixels(batch):
         batch = batch.unsqueeze(1).float().div_(255).contiguous(memory_format=memory_format)
     return batch
 
@@ -143,7 +148,7 @@ def model_batches(
         return iter(())
     batches = itertools.chain([first], batches)
     images, labels = first
-    if transform is None and images.dtype != torch.uint8 and images.device == device and labels.device == device:
+    if transform is None and not _is_pixels(images) and images.device == device and labels.device == device:
         return batches
     return _converted(batches, device, memory_format, transform)
 
