@@ -196,8 +196,13 @@ def train_one_epoch(
     desc: str = "train",
     progress: bool = True,
     ema: AveragedModel | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> EpochResult:
-    """Train for one pass over ``batches``; the scheduler steps, and ``ema`` averages, once per batch."""
+    """Train for one pass over ``batches``; the scheduler steps, and ``ema`` averages, once per batch.
+
+    With a ``scaler`` (fp16 training) the loss is scaled before the backward pass and the
+    step is skipped when the unscaled gradients hold inf or NaN, as ``torch.amp`` prescribes.
+    """
     model.train()
     tally = _Tally(loss_fn)
     for x, y in _with_progress(model_batches(batches, device, memory_format, transform), total, desc, progress):
@@ -205,8 +210,13 @@ def train_one_epoch(
             logits = model(x)
             loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if scheduler is not None:
             scheduler.step()
         if ema is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Callable
@@ -10,9 +11,15 @@ from typing import Any
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write`` on a temporary sibling of ``path``, then rename it into place."""
+    """Call ``write`` on a temporary sibling of ``path``, then rename it into place.
+
+    A process killed mid-write leaves its temporary file behind; the next write of the same
+    path removes it, so reruns do not pile them up.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)

@@ -33,12 +33,12 @@ from cxr.augment import augment_batch
 from cxr.engine import (
     EpochResult, batches_in_order, combine_results, evaluate, iterate_batches, to_input, train_one_epoch,
 )
-from cxr.errors import PipelineError
+from cxr.errors import PipelineError, first_line
 from cxr.files import atomic_write
 from cxr.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, backbone_weights, build_model, imagenet_state_dict
 from cxr.params import Params, TrainParams, as_dict
 from cxr.preprocess import load_split
-from cxr.runtime import autocast, configure, describe_precision, memory_format_of
+from cxr.runtime import amp_dtype, autocast, configure, describe_precision, memory_format_of
 
 log = logging.getLogger(__name__)
 ARCH_BY_APPROACH = {"custom": "custom_cnn", "extract": "resnet18", "finetune": "resnet18"}
@@ -138,12 +138,15 @@ def make_ema(module: nn.Module, decay: float) -> AveragedModel | None:
 
 def saved_weights(model: Classifier, ema: AveragedModel | None = None, head_only: bool = False,
                   ) -> dict[str, torch.Tensor]:
-    """The model's weights on the CPU, with the averaged ones for the part that was trained (the head, or all)."""
+    """A CPU copy of the model's weights, with the averaged ones for the part that was trained (the head, or all).
+
+    A copy, not a view: the best epoch's weights are kept in memory while training goes on.
+    """
     state = model.state_dict()
     if ema is not None:
         prefix = "head." if head_only else ""
         state.update({prefix + name: value for name, value in ema.module.state_dict().items()})
-    return {name: value.detach().cpu() for name, value in state.items()}
+    return {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
 
 
 @torch.no_grad()
@@ -166,37 +169,149 @@ def compute_embeddings(model: Classifier, split: SplitTensors, batch_size: int, 
     return SplitTensors(torch.cat(chunks).to(split.inputs.device), split.labels)
 
 
-def _fingerprint(approach: str, params: Params, image_size: int, sizes: tuple[int, int]) -> str:
-    """What a resumable run must share with the interrupted one: recipe, seed, classes and data shape.
+def data_digest(*splits: SplitTensors) -> str:
+    """A digest of the splits' pixels and labels: a run resumes only on the very data it started on."""
+    digest = hashlib.blake2b(digest_size=16)
+    for split in splits:
+        for tensor in (split.inputs, split.labels):
+            digest.update(tensor.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
-    A data-parallel run also fixes its number of processes (it sets the steps per epoch);
-    single-process fingerprints leave it out, so they match those of earlier versions.
+
+def code_digest() -> str:
+    """A digest of the library's source: a run resumed under edited code would match neither version."""
+    digest = hashlib.blake2b(digest_size=16)
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_fingerprint(approach: str, params: Params, image_size: int, data: str) -> str:
+    """What a resumed run must share with the interrupted one for its result to equal an uninterrupted run.
+
+    The recipe, every ``train`` setting (precision, threads and layout can change the
+    arithmetic), the validation batch size, classes, image size, the data's digest, the
+    library's source and the number of processes (it sets the steps per epoch).
     """
     identity = {
         "approach": approach,
         "recipe": as_dict(params.approach(approach)),
-        "seed": params.train.seed,
+        "train": as_dict(params.train),
+        "eval_batch_size": params.evaluate.batch_size,
         "classes": list(params.data.classes),
         "image_size": image_size,
-        "sizes": list(sizes),
+        "data": data,
+        "code": code_digest(),
+        "world_size": distributed.world_size(),
     }
-    if distributed.world_size() > 1:
-        identity["world_size"] = distributed.world_size()
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def load_resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The last complete epoch of an interrupted run with the same fingerprint, else None."""
+    """The last complete epoch of an interrupted run with the same fingerprint, else None.
+
+    A file that cannot be used is never an error, since starting afresh is always correct;
+    the log says in one line why it was not resumed.
+    """
     if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # an unreadable resume file only means "start from scratch"
-        log.warning("ignoring unreadable resume state %s", path)
+    except Exception as err:  # torch raises many types for a damaged file; all mean "start afresh"
+        log.warning("%s is unreadable (%s): training from scratch", path, first_line(err))
         return None
-    if state.get("fingerprint") != fingerprint or state.get("finished"):
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        log.warning("%s was saved with other params, data or code: training from scratch", path)
+        return None
+    if state.get("finished"):
+        log.info("%s belongs to a finished run: training from scratch", path)
         return None
     return state
+
+
+def make_grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
+    """A loss scaler where training runs in fp16 (CUDA), as torchvision's and timm's scripts use.
+
+    fp16 has 5 exponent bits: small gradients underflow to zero unless the loss is scaled
+    up first. bf16 has fp32's range and needs no scaler, nor does fp32.
+    """
+    if amp_dtype(device, amp) is not torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+class TrainingState:
+    """Everything a run carries from one epoch to the next, saved whole after every epoch.
+
+    Loading it back continues a killed run exactly where it stopped: raw weights, optimizer,
+    scheduler, weight average, loss scaler, random generators, early-stopping counters and
+    the learning-curve history. It also holds the best epoch's checkpoint, because DVC deletes
+    ``models/<approach>.pt`` before it reruns a stage: a resumed run whose later epochs never
+    beat that best must still be able to write it.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, ema: AveragedModel | None,
+                 scaler: torch.amp.GradScaler | None, seed: int, device: torch.device) -> None:
+        self.model, self.optimizer, self.scheduler, self.ema, self.scaler = model, optimizer, scheduler, ema, scaler
+        self.device = device
+        self.order_rng = torch.Generator().manual_seed(seed)
+        self.augment_rng = torch.Generator().manual_seed(seed + 1)
+        self.epoch = 0
+        self.best: dict[str, Any] = {"epoch": -1, "val_macro_f1": -1.0}
+        self.stale = 0
+        self.history: list[dict[str, float]] = []
+        self.best_checkpoint: dict[str, Any] = {}
+
+    def record(self, row: dict[str, float], val: EpochResult, checkpoint: Callable[[], dict[str, Any]]) -> None:
+        """Close an epoch: log its row; keep ``checkpoint()`` when validation macro-F1 beat the best so far."""
+        self.epoch += 1
+        self.history.append(row)
+        if val.macro_f1 > self.best["val_macro_f1"]:
+            self.best = {"epoch": self.epoch, "val_macro_f1": val.macro_f1, "val_accuracy": val.accuracy}
+            self.best_checkpoint = {**checkpoint(), **self.best}
+            self.stale = 0
+        else:
+            self.stale += 1
+
+    def exhausted(self, patience: int) -> bool:
+        """Whether early stopping ends the run (``patience`` 0 never stops)."""
+        return bool(patience) and self.stale >= patience
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = self.device.type == "cuda"
+        return {
+            "model": saved_weights(self.model),  # the raw weights training continues from
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "order_rng": self.order_rng.get_state(),
+            "augment_rng": self.augment_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else torch.empty(0, dtype=torch.uint8),
+            "epoch": self.epoch,
+            "best": self.best,
+            "stale": self.stale,
+            "history": self.history,
+            "best_checkpoint": self.best_checkpoint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for part in ("scheduler", "ema", "scaler"):
+            if getattr(self, part) is not None:
+                getattr(self, part).load_state_dict(state[part])
+        self.order_rng.set_state(state["order_rng"])
+        self.augment_rng.set_state(state["augment_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and len(state["cuda_rng"]):
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.epoch, self.best, self.stale = state["epoch"], state["best"], state["stale"]
+        self.history, self.best_checkpoint = state["history"], state["best_checkpoint"]
 
 
 def _log_history(live: Live | None, history: list[dict[str, float]]) -> None:
@@ -263,10 +378,10 @@ def train_approach(
     """Train ``approach`` per ``params`` and save its best epoch (by validation macro-F1).
 
     With ``ema_decay`` set, the moving average of the weights is what is validated and saved.
-    After every epoch the whole training state (model, optimizer, scheduler, weight average,
-    random generators, early-stopping counters, learning-curve history) goes to ``resume_path``;
-    a killed run started again with the same params resumes from the last complete epoch
-    and ends exactly where an uninterrupted run would.
+    After every epoch the whole :class:`TrainingState` goes to ``resume_path``; a killed run
+    started again with the same params, data and code resumes from the last complete epoch
+    and ends exactly where an uninterrupted run would. The checkpoint is written once, at the
+    end, from the best epoch the state holds.
 
     Under ``torchrun --nproc_per_node=N`` (see :mod:`cxr.distributed`) the model trains in
     DistributedDataParallel: each rank takes a DistributedSampler share of every epoch in
@@ -281,56 +396,82 @@ def train_approach(
     device = distributed.rank_device(configure(params.train))
     with distributed.process_group(device):
         distributed.quiet_other_ranks()
-        return _train(approach, params, processed_dir, model_path, live_dir, resume_path, imagenet,
-                      progress and distributed.is_main(), device)
+        run = _prepare(approach, params, processed_dir, device, imagenet, resume_path, progress and distributed.is_main())
+        state = _fit(run, live_dir, resume_path)
+        if state.best["epoch"] < 0:
+            raise PipelineError(f"{approach}: training produced no checkpoint")
+        if distributed.is_main():
+            atomic_write(model_path, lambda tmp: torch.save(state.best_checkpoint, tmp))
+            if resume_path:
+                _save_resume(resume_path, run.fingerprint, state, finished=True)
+        return {**state.best, "epochs_run": state.epoch, "cached_embeddings": run.cached}
 
 
-def _train(
-    approach: str,
-    params: Params,
-    processed_dir: Path,
-    model_path: Path,
-    live_dir: Path,
-    resume_path: Path | None,
-    imagenet: Callable[[], dict[str, torch.Tensor]],
-    progress: bool,
-    device: torch.device,
-) -> dict[str, Any]:
-    recipe = params.approach(approach)
-    runtime = params.train
-    main = distributed.is_main()
-    classes = list(params.data.classes)
-    train_split = load_tensors(processed_dir, "train", classes)
-    val_split = load_tensors(processed_dir, "val", classes)
+@dataclass
+class _Run:
+    """What stays fixed while a run trains: its data, the modules it steps and scores, its settings."""
+
+    approach: str
+    params: Params
+    device: torch.device
+    train_split: SplitTensors
+    val_split: SplitTensors
+    model: Classifier
+    step_model: nn.Module
+    eval_model: nn.Module
+    model_args: dict[str, Any]
+    image_size: int
+    cached: bool
+    fingerprint: str
+    state: TrainingState
+    common: dict[str, Any]
+
+    @property
+    def recipe(self) -> TrainParams:
+        return self.params.approach(self.approach)
+
+
+def _prepare(approach: str, params: Params, processed_dir: Path, device: torch.device,
+             imagenet: Callable[[], dict[str, torch.Tensor]], resume_path: Path | None, progress: bool) -> _Run:
+    """Load the data, build the model and its training state, restored from ``resume_path`` when it matches."""
+    recipe, runtime, classes = params.approach(approach), params.train, list(params.data.classes)
+    train_split, val_split = (load_tensors(processed_dir, split, classes) for split in ("train", "val"))
+    image_size = int(train_split.inputs.shape[-1])
+    fingerprint = run_fingerprint(approach, params, image_size, data_digest(train_split, val_split))
+    resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
     if device.type == "cuda":
         # The uint8 split fits on the GPU (0.4 GB for 8,000 images at 224 px): batches are then
         # sliced there and never cross the host-device bus during training.
         train_split, val_split = train_split.to(device), val_split.to(device)
-    image_size = int(train_split.inputs.shape[-1])
-    fingerprint = _fingerprint(approach, params, image_size, (len(train_split), len(val_split)))
-    resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
-
     model_args = model_args_for(approach, recipe, train_split.inputs, len(classes))
-    needs_backbone = model_args["arch"] == "resnet18" and resumed is None
+    needs_backbone = model_args["arch"] == "resnet18" and resumed is None  # resumed weights replace it
     backbone = backbone_weights(recipe.weights, imagenet) if needs_backbone else None
     memory_format = memory_format_of(runtime)
     model = build_model(**model_args, backbone_state=backbone).to(device, memory_format=memory_format)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-    frozen = approach == "extract"
-    if frozen:
+    cached = approach == "extract" and recipe.cache_embeddings and not recipe.augment.enabled
+    if approach == "extract":
         model.freeze_body()
-
-    cached = frozen and recipe.cache_embeddings and not recipe.augment.enabled
+        log.info("extract: %s", "caching the frozen body's embeddings once per split, then training the head on them"
+                 if cached else "the frozen body runs on every batch (augmentation on or cache_embeddings off)")
     if cached:
-        log.info("extract: caching the frozen body's embeddings once per split, then training the head on them")
         train_split, val_split = (
             compute_embeddings(model, split, params.evaluate.batch_size, device, memory_format, runtime.amp)
             for split in (train_split, val_split)
         )
-    elif frozen:
-        log.info("extract: the frozen body runs on every batch (augmentation on or cache_embeddings off)")
     trained: nn.Module = model.head if cached else model
+    step_model, eval_model, state = _training_modules(approach, model, trained, params, device, len(train_split), cached)
+    if resumed is not None:
+        state.load_state_dict(resumed)
+        log.info("%s: resuming after epoch %d from %s", approach, state.epoch, resume_path)
+    common = {"device": device, "amp": runtime.amp, "memory_format": memory_format, "progress": progress}
+    return _Run(approach, params, device, train_split, val_split, model, step_model, eval_model, model_args,
+                image_size, cached, fingerprint, state, common)
+
+
+def _training_modules(approach: str, model: Classifier, trained: nn.Module, params: Params, device: torch.device,
+                      items: int, cached: bool) -> tuple[nn.Module, nn.Module, TrainingState]:
+    """The module each step calls (DDP-wrapped, compiled), the one validation scores, and a fresh training state."""
+    recipe, runtime = params.approach(approach), params.train
     step_model = distributed.wrap(trained, device)
     if runtime.compile and not cached:
         step_model = torch.compile(step_model)
@@ -339,103 +480,69 @@ def _train(
         eval_model = ema.module
     else:  # DDP's forward takes part in collectives; ranks score their shards with the plain module.
         eval_model = trained if distributed.active() else step_model
+    optimizer = make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad])
+    steps_per_epoch = math.ceil(math.ceil(items / distributed.world_size()) / recipe.batch_size)
+    scheduler = make_scheduler(recipe, optimizer, steps_per_epoch)
     log.info("%s: %s", approach, describe_precision(device, runtime.amp))
     if distributed.active():
         log.info("%s: DistributedDataParallel over %d processes (%s), batch %d per process = %d per step",
                  approach, distributed.world_size(), distributed.backend_for(device), recipe.batch_size,
                  recipe.batch_size * distributed.world_size())
-
-    optimizer = make_optimizer(recipe, [p for p in model.parameters() if p.requires_grad])
-    per_rank = math.ceil(len(train_split) / distributed.world_size())
-    steps_per_epoch = math.ceil(per_rank / recipe.batch_size)
-    scheduler = make_scheduler(recipe, optimizer, steps_per_epoch)
     if ema is not None:
         log.info("%s: validating and saving a moving average of the weights (decay %g per step: ~%.1f epochs)",
                  approach, recipe.ema_decay, 1 / (1 - recipe.ema_decay) / steps_per_epoch)
-    order = torch.Generator().manual_seed(runtime.seed)
-    augment_rng = torch.Generator().manual_seed(runtime.seed + 1)
-    progress_state: dict[str, Any] = {"epoch": 0, "best": {"epoch": -1, "val_macro_f1": -1.0}, "stale": 0, "history": []}
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resumed["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(resumed["ema"])
-        order.set_state(resumed["order_rng"])
-        augment_rng.set_state(resumed["augment_rng"])
-        torch.set_rng_state(resumed["torch_rng"])
-        if device.type == "cuda" and len(resumed.get("cuda_rng", ())):
-            torch.cuda.set_rng_state(resumed["cuda_rng"], device)
-        progress_state = {k: resumed[k] for k in progress_state}
-        log.info("%s: resuming after epoch %d from %s", approach, progress_state["epoch"], resume_path)
+    scaler = make_grad_scaler(device, runtime.amp)
+    return step_model, eval_model, TrainingState(model, optimizer, scheduler, ema, scaler, runtime.seed, device)
 
+
+def _save_resume(path: Path, fingerprint: str, state: TrainingState, finished: bool) -> None:
+    payload = {"fingerprint": fingerprint, "finished": finished, **state.state_dict()}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _checkpoint(run: _Run) -> dict[str, Any]:
+    """The plain-dict checkpoint of the weights as they are now (the moving average where there is one)."""
+    return {
+        "model": saved_weights(run.model, run.state.ema, head_only=run.cached),
+        "model_args": run.model_args,
+        "approach": run.approach,
+        "classes": list(run.params.data.classes),
+        "image_size": run.image_size,
+        "recipe": as_dict(run.recipe),
+    }
+
+
+def _fit(run: _Run, live_dir: Path, resume_path: Path | None) -> TrainingState:
+    """The epoch loop: train, validate, record, save the state; stops at ``epochs`` or by early stopping."""
+    recipe, state, seed = run.recipe, run.state, run.params.train.seed
     train_loss = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
-    transform = None if cached or not recipe.augment.enabled else (lambda x: augment_batch(x, recipe.augment, augment_rng))
-    common = {"device": device, "amp": runtime.amp, "memory_format": memory_format, "progress": progress}
-
-    def save_resume_state(finished: bool) -> None:
-        state = {
-            "fingerprint": fingerprint,
-            "finished": finished,
-            "model": saved_weights(model),  # the raw weights training continues from
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "ema": ema.state_dict() if ema is not None else {},
-            "order_rng": order.get_state(),
-            "augment_rng": augment_rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8),
-            **progress_state,
-        }
-        atomic_write(resume_path, lambda tmp: torch.save(state, tmp))
-
-    best = progress_state["best"]
+    augments = recipe.augment.enabled and not run.cached
+    transform = (lambda x: augment_batch(x, recipe.augment, state.augment_rng)) if augments else None
+    per_rank = math.ceil(len(run.train_split) / distributed.world_size())
+    main = distributed.is_main()
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) if main else nullcontext() as live:
-        _log_history(live, progress_state["history"])
-        for epoch in range(progress_state["epoch"], recipe.epochs):
-            if recipe.patience and progress_state["stale"] >= recipe.patience:
-                break
-            started = time.perf_counter()
-            _reseed_rank(runtime.seed, epoch, augment_rng)
+        _log_history(live, state.history)
+        while state.epoch < recipe.epochs and not state.exhausted(recipe.patience):
+            started, epoch = time.perf_counter(), state.epoch
+            _reseed_rank(seed, epoch, state.augment_rng)
             train_result = _reduced(train_one_epoch(
-                step_model, _train_batches(train_split, recipe.batch_size, order, runtime.seed, epoch),
-                per_rank, optimizer, scheduler, train_loss, transform=transform, ema=ema,
-                desc=f"{approach} {epoch + 1}/{recipe.epochs}", **common,
+                run.step_model, _train_batches(run.train_split, recipe.batch_size, state.order_rng, seed, epoch),
+                per_rank, state.optimizer, state.scheduler, train_loss, transform=transform, ema=state.ema,
+                scaler=state.scaler, desc=f"{run.approach} {epoch + 1}/{recipe.epochs}", **run.common,
             ))
-            val_result = _validate(eval_model, val_split, params.evaluate.batch_size, eval_loss, common)
+            val_result = _validate(run.eval_model, run.val_split, run.params.evaluate.batch_size, eval_loss, run.common)
             row = _epoch_row(train_result, val_result)
+            state.record(row, val_result, lambda: _checkpoint(run))
             _log_history(live, [row])
             log.info(
                 "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f img/s",
-                approach, epoch + 1, recipe.epochs, train_result.loss, train_result.accuracy,
+                run.approach, epoch + 1, recipe.epochs, train_result.loss, train_result.accuracy,
                 val_result.loss, val_result.accuracy, val_result.macro_f1,
                 len(train_result.labels) / (time.perf_counter() - started),
             )
-            if val_result.macro_f1 > best["val_macro_f1"]:
-                best = {"epoch": epoch + 1, "val_macro_f1": val_result.macro_f1, "val_accuracy": val_result.accuracy}
-                if main:
-                    checkpoint = {
-                        "model": saved_weights(model, ema, head_only=cached),
-                        "model_args": model_args,
-                        "approach": approach,
-                        "classes": classes,
-                        "image_size": image_size,
-                        "recipe": as_dict(recipe),
-                        **best,
-                    }
-                    atomic_write(model_path, lambda tmp: torch.save(checkpoint, tmp))
-                progress_state["stale"] = 0
-            else:
-                progress_state["stale"] += 1
-            progress_state.update(epoch=epoch + 1, best=best)
-            progress_state["history"].append(row)
             if resume_path and main:
-                save_resume_state(finished=False)
-    if best["epoch"] < 0:
-        raise PipelineError(f"{approach}: training produced no checkpoint")
-    if progress_state["stale"] and recipe.patience and progress_state["stale"] >= recipe.patience:
-        log.info("%s: stopped early, no validation macro-F1 gain for %d epochs", approach, progress_state["stale"])
-    if resume_path and main:
-        save_resume_state(finished=True)
-    return {**best, "epochs_run": progress_state["epoch"], "cached_embeddings": cached}
+                _save_resume(resume_path, run.fingerprint, state, finished=False)
+    if state.exhausted(recipe.patience):
+        log.info("%s: stopped early, no validation macro-F1 gain for %d epochs", run.approach, state.stale)
+    return state
