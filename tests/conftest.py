@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic Kaggle-layout data sets, and a guard against network access.
+"""Shared fixtures: tiny synthetic Kaggle-layout data sets, and a guard against network access in every process.
 
 ``make_kaggle_tree`` and ``make_kaggle_zip`` are plain functions (importable with
 ``from conftest import make_kaggle_tree, make_kaggle_zip``) so tests can vary the data set;
@@ -7,11 +7,11 @@ the ``kaggle_tree`` and ``kaggle_zip`` fixtures wrap them with the defaults.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
+import os
+import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,36 +32,41 @@ _CLASS_LOOK = {
 _TEST_PATIENT_OFFSET = 1000
 
 
-class NetworkAccessError(RuntimeError):
-    """Raised instead of connecting anywhere but loopback; not an OSError, so no code under test can swallow it."""
+OFFLINE = Path(__file__).resolve().parent / "offline"
+sys.path.insert(0, str(OFFLINE))
+from network_guard import LOG_VARIABLE, NetworkAccessError, guarded  # noqa: E402  (needs OFFLINE on sys.path)
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return host == "localhost"
+def pytest_configure(config: pytest.Config) -> None:
+    """Give every process the tests start the network guard, a log of refused attempts and a hermetic DVC.
+
+    ``sitecustomize`` in ``tests/offline`` installs the guard in each new Python process. DVC's
+    global and system config point at an empty folder whose config turns the update check
+    off (it would start a daemon that tries to reach the network), so a developer's own DVC
+    settings never leak into a test either.
+    """
+    session = Path(tempfile.mkdtemp(prefix="cxr-tests-"))
+    (session / "dvc").mkdir()
+    (session / "dvc" / "config").write_text("[core]\n    check_update = false\n")
+    (session / "network.log").touch()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(OFFLINE), os.environ.get("PYTHONPATH")]))
+    os.environ[LOG_VARIABLE] = str(session / "network.log")
+    os.environ["DVC_GLOBAL_CONFIG_DIR"] = os.environ["DVC_SYSTEM_CONFIG_DIR"] = str(session / "dvc")
+    os.environ["DVC_NO_ANALYTICS"] = "1"
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make any non-loopback ``connect`` fail loudly, so an accidental download cannot pass as offline."""
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def check(sock: socket.socket, address: object) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(str(address[0])):
-            raise NetworkAccessError(f"test tried to reach the network: {address!r}")
-
-    def guarded_connect(sock: socket.socket, address: object) -> None:
-        check(sock, address)
-        return real_connect(sock, address)
-
-    def guarded_connect_ex(sock: socket.socket, address: object) -> int:
-        check(sock, address)
-        return real_connect_ex(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Refuse non-loopback connections in this process; fail the test if any process it started tried one."""
+    guarded(monkeypatch.setattr)
+    log = Path(os.environ[LOG_VARIABLE])
+    seen = log.stat().st_size
+    yield
+    with log.open(encoding="utf-8") as handle:
+        handle.seek(seen)
+        attempts = handle.read().strip()
+    if attempts:
+        pytest.fail(f"a process started by this test tried to reach the network:\n{attempts}")
 
 
 def _file_name(label: str, index: int, split: str) -> str:

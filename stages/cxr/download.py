@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cxr.errors import PipelineError, first_line
+from cxr.images import is_candidate_image
 
 SPLITS = ("train", "test")
 KaggleDownloader = Callable[[str, Path], Path]
@@ -118,7 +119,7 @@ def check_layout(root: Path, classes: Sequence[str]) -> None:
             class_dir = split_dir / name
             if name not in present:
                 raise PipelineError(f"{split_dir}: missing class folder {name}/")
-            if not any(p.is_file() and not p.name.startswith(".") for p in class_dir.iterdir()):
+            if not any(is_candidate_image(p) for p in class_dir.iterdir()):
                 raise PipelineError(f"{class_dir}: class folder is empty")
 
 
