@@ -1,0 +1,219 @@
+"""Unreadable images in every split (train, val and test) are skipped and reported, never fatal.
+
+A generated Kaggle-layout data set gets three kinds of bad file in every split:
+
+* ``corrupt``: random bytes under a ``.jpeg``/``.jpg`` name (not an image at all),
+* ``empty``: 0 bytes,
+* ``truncated``: a valid JPEG of the set cut in half.
+
+In ``Data/train`` the bad files of the PNEUMONIA and NORMAL classes come as one file of each
+kind per (made-up) patient, so the patient-grouped split moves the three kinds together and
+every patient group that lands in validation brings all three there.
+
+Checked three ways: the library function ``preprocess_split`` (fast), the stage scripts run
+one after another without DVC, and ``dvc repro`` of the whole pipeline (slow), which must
+run every stage to the end and report each bad file exactly once, with a reason that names
+its kind, and count them per split in ``metrics/data.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_kaggle_tree
+from cxr.audit import audit_splits
+from cxr.files import read_json
+from cxr.params import CLASSES
+from cxr.preprocess import preprocess_split
+from cxr.split import SPLIT_NAMES, index_split, make_splits
+from test_pipeline import make_project, ran_stages, sh
+
+KINDS = ("corrupt", "empty", "truncated")
+# What preprocess writes after "<path>: " for each kind; the three must differ.
+REASONS = {
+    "corrupt": "not an image (unrecognised file format)",
+    "empty": "empty file",
+    "truncated": "truncated or corrupt image data",
+}
+ALL_STAGES = {
+    "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
+    "evaluate@custom", "evaluate@extract", "evaluate@finetune", "compare",
+}
+PER_CLASS = 12  # good images per class and folder: 6 PNEUMONIA patients, enough for 4 folds after bad ones
+IMAGE_SIZE = 32
+VAL_FRACTION = 0.25  # what make_project sets
+
+
+def _bad_names(split: str, label: str, group: int) -> dict[str, str]:
+    """File name -> kind for one group of bad files (one file of each kind), patient-grouped where names allow."""
+    if label == "PNEUMONIA":  # person<N>_..., one patient per group
+        patient = (1500 if split == "test" else 500) + group
+        return {f"person{patient}_bacteria_{9000 + i}.jpeg": kind for i, kind in enumerate(KINDS)}
+    if label == "NORMAL":  # IM-<N>-..., one patient per group
+        return {f"IM-{900 + group:04d}-{i + 1:04d}.jpeg": kind for i, kind in enumerate(KINDS)}
+    return {f"bad_{kind}_{group}.jpg": kind for kind in KINDS}  # no patient in the name: one group per file
+
+
+def make_bad_data_set(root: Path, groups: int = 2) -> tuple[Path, dict[str, str]]:
+    """A generated data set plus ``groups`` bad files of each kind per class and folder.
+
+    Returns the ``Data`` folder and {path relative to it (as the split tables write it): kind}.
+    """
+    data = make_kaggle_tree(root, per_class=PER_CLASS, size=40)
+    rng = np.random.default_rng(1)
+    bad = {}
+    for split in ("train", "test"):
+        for label in CLASSES:
+            folder = data / split / label
+            valid = min(folder.iterdir()).read_bytes()  # a good JPEG of this class
+            for group in range(groups):
+                for name, kind in _bad_names(split, label, group).items():
+                    content = {
+                        "corrupt": b"\x00\x07" + rng.bytes(2046),
+                        "empty": b"",
+                        "truncated": valid[: len(valid) // 2],
+                    }[kind]
+                    (folder / name).write_bytes(content)
+                    bad[f"{split}/{label}/{name}"] = kind
+    return data, bad
+
+
+def _where(tables: dict[str, pd.DataFrame], bad: dict[str, str]) -> dict[str, str]:
+    """{bad path: the split table that lists it}; each bad file must be listed exactly once."""
+    listed = pd.concat([frame.assign(split=name) for name, frame in tables.items()], ignore_index=True)
+    counts = listed["path"].value_counts()
+    for path in bad:
+        assert counts.get(path, 0) == 1, f"{path} listed {counts.get(path, 0)} times in the split tables"
+    split_of = dict(zip(listed["path"], listed["split"]))
+    where = {path: split_of[path] for path in bad}
+    for split in SPLIT_NAMES:
+        kinds = {bad[path] for path, name in where.items() if name == split}
+        assert kinds == set(KINDS), (
+            f"the data set must put every kind of bad file into {split}; it has {sorted(kinds)} there "
+            f"(the split moved them elsewhere: add bad groups or change their names)"
+        )
+    return where
+
+
+def _check_skipped(skipped: pd.DataFrame, bad: dict[str, str], where: dict[str, str]) -> None:
+    """``skipped`` lists each bad file exactly once, with its split, label and the reason of its kind."""
+    duplicated = skipped["path"][skipped["path"].duplicated()].tolist()
+    assert not duplicated, f"reported more than once: {duplicated}"
+    assert set(skipped["path"]) == set(bad), (
+        f"not reported: {sorted(set(bad) - set(skipped['path']))}; "
+        f"reported but readable: {sorted(set(skipped['path']) - set(bad))}"
+    )
+    for row in skipped.itertuples(index=False):
+        assert row.split == where[row.path], f"{row.path}: reported in {row.split}, listed in {where[row.path]}"
+        assert row.label == row.path.split("/")[1], row
+        reason = str(row.reason)
+        assert "\n" not in reason, reason
+        assert reason.endswith(f"{row.path}: {REASONS[bad[row.path]]}"), f"{row.path} ({bad[row.path]}): {reason!r}"
+
+
+@pytest.fixture(scope="module")
+def bad_data_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    return make_bad_data_set(tmp_path_factory.mktemp("bad_data") / "images")
+
+
+# --- library level (fast) -------------------------------------------------------------------------
+
+
+def test_split_and_audit_keep_bad_files_listed(bad_data_set):
+    """Split lists bad files (preprocess reports them); the audit counts them as unhashable and keeps them."""
+    data, bad = bad_data_set
+    splits = make_splits(data, CLASSES, VAL_FRACTION, seed=42)
+    where = _where(splits, bad)
+    audited, _, summary = audit_splits(data, splits, threshold=4, workers=1, dedupe=False)
+    assert summary["unhashable"] == len(bad)
+    assert _where(audited, bad) == where
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preprocess_split_skips_and_explains_each_bad_file(bad_data_set, workers):
+    data, bad = bad_data_set
+    splits = make_splits(data, CLASSES, VAL_FRACTION, seed=42)
+    where = _where(splits, bad)
+    reports = []
+    for split in SPLIT_NAMES:
+        images, kept, skipped = preprocess_split(data, splits[split], IMAGE_SIZE, workers, split, CLASSES)
+        listed_bad = {p for p in splits[split]["path"] if p in bad}
+        assert list(kept["path"]) == [p for p in splits[split]["path"] if p not in bad]
+        assert images.shape == (len(splits[split]) - len(listed_bad), IMAGE_SIZE, IMAGE_SIZE)
+        assert images.dtype == np.uint8
+        assert set(skipped["path"]) == listed_bad
+        reports.append(skipped)
+    _check_skipped(pd.concat(reports, ignore_index=True), bad, where)
+
+
+def test_index_split_lists_bad_files(bad_data_set):
+    data, bad = bad_data_set
+    listed = set(index_split(data, "test", CLASSES)["path"])
+    assert {path for path in bad if path.startswith("test/")} <= listed
+
+
+# --- stage scripts and dvc repro ------------------------------------------------------------------
+
+
+def _check_project(project: Path, bad: dict[str, str]) -> None:
+    """Outputs of split, audit and preprocess in ``project`` account for every bad file."""
+    split_tables = {name: pd.read_csv(project / "data" / "split" / f"{name}.csv", dtype=str) for name in SPLIT_NAMES}
+    where = _where(split_tables, bad)
+    audited = {name: pd.read_csv(project / "data" / "audited" / f"{name}.csv", dtype=str) for name in SPLIT_NAMES}
+    assert _where(audited, bad) == where
+
+    skipped = pd.read_csv(project / "reports" / "skipped_images.csv", dtype=str, keep_default_na=False)
+    assert list(skipped.columns) == ["split", "path", "label", "reason"]
+    _check_skipped(skipped, bad, where)
+
+    data = read_json(project / "metrics" / "data.json")
+    expected_skipped = {split: sum(1 for name in where.values() if name == split) for split in SPLIT_NAMES}
+    assert data["skipped"] == expected_skipped
+    assert data["audit"]["unhashable"] == len(bad)
+    for split in SPLIT_NAMES:
+        frame = audited[split]
+        assert data["listed"][split]["total"] == len(frame)
+        for label in CLASSES:
+            bad_here = sum(1 for path, name in where.items() if name == split and path.split("/")[1] == label)
+            assert data["listed"][split][label] == int((frame["label"] == label).sum())
+            assert data["processed"][split][label] == data["listed"][split][label] - bad_here, (split, label)
+        assert data["processed"][split]["total"] == data["listed"][split]["total"] - expected_skipped[split]
+        processed = pd.read_csv(project / "data" / "processed" / f"{split}.csv", dtype=str)
+        assert len(processed) == data["processed"][split]["total"]
+        assert not set(processed["path"]) & set(bad)
+        assert np.load(project / "data" / "processed" / f"{split}.npy", mmap_mode="r").shape[0] == len(processed)
+
+
+def _run_stage(project: Path, script: str) -> None:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    done = subprocess.run(
+        [sys.executable, f"stages/{script}.py"], cwd=project, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, f"stages/{script}.py failed ({done.returncode}):\n{done.stderr[-3000:]}"
+
+
+def test_data_stages_run_through_bad_files(tmp_path):
+    """download, split, audit and preprocess run as scripts (no DVC) and report every bad file."""
+    data, bad = make_bad_data_set(tmp_path / "images")
+    project = make_project(tmp_path, data.parent, image_size=IMAGE_SIZE, epochs=1)
+    for script in ("download", "split", "audit", "preprocess"):
+        _run_stage(project, script)
+    _check_project(project, bad)
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_to_the_end_with_bad_files(tmp_path):
+    data, bad = make_bad_data_set(tmp_path / "images")
+    project = make_project(tmp_path, data.parent, image_size=IMAGE_SIZE, epochs=1)
+    log = sh(project, "dvc", "repro")
+    assert ran_stages(log) == ALL_STAGES, log[-3000:]
+    _check_project(project, bad)
+    assert (project / "metrics" / "summary.json").is_file()
+    assert ran_stages(sh(project, "dvc", "repro")) == set()

@@ -1,0 +1,121 @@
+"""Changing a key of each params section reruns exactly the stages that must rerun, and nothing else.
+
+One temporary project (``make_project`` on a small generated data set) is built and
+reproduced once for the whole module; every test then changes one param to a value never
+used before in this module (DVC's run-cache would otherwise restore a stage instead of
+running it, see treeverse/dvc#10296), runs ``dvc repro`` and compares the stages that ran
+with :data:`EXPECTED_RERUNS`, exactly. A stage that reruns too often means its ``params:``
+list in ``dvc.yaml`` is too broad (or its outputs are not reproducible byte for byte); one
+that does not rerun means the list is too narrow.
+
+The tests share the project, so they run in the order below; each first checks that the
+project is up to date, so one failure does not silently change what the next one measures.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import make_kaggle_tree
+from test_pipeline import make_project, ran_stages, sh
+
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = frozenset({
+    "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
+    "evaluate@custom", "evaluate@extract", "evaluate@finetune", "compare",
+})
+EVALUATE = frozenset({"evaluate@custom", "evaluate@extract", "evaluate@finetune"})
+FROM_PREPROCESS = ALL_STAGES - {"download", "split", "audit"}
+FROM_SPLIT = ALL_STAGES - {"download"}
+
+# param (dotted key) -> (new value, never used before in this module; stages that must run, exactly)
+EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
+    # Only the download stage reads data.kaggle_handle (and ignores it for a local source), so
+    # download reruns, writes the same data/raw, and nothing downstream may follow.
+    "data.kaggle_handle": ("someone/else/versions/2", frozenset({"download"})),
+    # The split changes (4 folds -> 3), so every stage that reads the split reruns.
+    "split.val_fraction": (0.3, FROM_SPLIT),
+    # audit.json records the threshold and preprocess copies it into metrics/data.json, so
+    # preprocess reruns; its arrays are unchanged (no dedupe), so training does not.
+    "audit.threshold": (6, frozenset({"audit", "preprocess"})),
+    # New pixels: preprocess, all three models, their evaluations and the comparison.
+    "preprocess.image_size": (36, FROM_PREPROCESS),
+    # Speed only: data/processed comes out byte-identical, so nothing downstream may rerun.
+    "preprocess.workers": (2, frozenset({"preprocess"})),
+    # One recipe: its model, its evaluation, and the comparison of the changed predictions.
+    # (custom: width, not lr: with ema_decay 0.998 the one tiny step of these runs barely moves the saved
+    # average, so a new lr can leave the predictions identical to 6 decimals and compare rightly stays put)
+    "train_custom.width": (12, frozenset({"train_custom", "evaluate@custom", "compare"})),
+    "train_extract.lr": (0.002, frozenset({"train_extract", "evaluate@extract", "compare"})),
+    "train_finetune.lr": (0.0005, frozenset({"train_finetune", "evaluate@finetune", "compare"})),
+    # Shared by the three training stages: all models change, so everything after them reruns.
+    "train.seed": (7, frozenset({"train_custom", "train_extract", "train_finetune"}) | EVALUATE | {"compare"}),
+    # Every evaluate@* depends on the whole evaluate section; compare reads evaluate.tta itself.
+    "evaluate.tta": (["custom", "extract"], EVALUATE | {"compare"}),
+    # Only the Grad-CAM gallery changes: predictions are byte-identical, so compare must not rerun.
+    "evaluate.gradcam_per_class": (2, EVALUATE),
+    # The comparison's own knobs touch nothing upstream.
+    "compare.bootstrap_resamples": (200, frozenset({"compare"})),
+}
+
+_CACHED = re.compile(r"Stage '([^']+)' is cached")
+
+
+def _restored(log: str) -> set[str]:
+    """Stages DVC restored from its run-cache instead of running them."""
+    return set(_CACHED.findall(log))
+
+
+def _set_param(project: Path, dotted: str, value: Any) -> Any:
+    """Set ``section.key`` in the project's params.yaml; returns the old value."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    section, key = dotted.split(".")
+    old = params[section][key]
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return old
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("rerun_scope")
+    source = make_kaggle_tree(tmp_path / "images", per_class=8, size=40).parent
+    project = make_project(tmp_path, source, image_size=32, epochs=1)
+    first = sh(project, "dvc", "repro")
+    assert ran_stages(first) == ALL_STAGES, first[-3000:]
+    return project
+
+
+def test_values_are_fresh(project: Path) -> None:
+    """Each new value differs from the project's; a reused one could come back from the run-cache."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for dotted, (value, _) in EXPECTED_RERUNS.items():
+        section, key = dotted.split(".")
+        assert key in params[section], dotted
+        assert params[section][key] != value, dotted
+
+
+@pytest.mark.parametrize("dotted", list(EXPECTED_RERUNS))
+def test_param_change_reruns_exactly(project: Path, dotted: str) -> None:
+    before = sh(project, "dvc", "repro")
+    assert ran_stages(before) == set(), f"project not up to date before changing {dotted}:\n{before[-3000:]}"
+
+    value, expected = EXPECTED_RERUNS[dotted]
+    old = _set_param(project, dotted, value)
+    assert old != value, f"{dotted}={value!r} is not a change"
+    log = sh(project, "dvc", "repro")
+
+    ran, restored = ran_stages(log), _restored(log)
+    assert not restored, f"{dotted}: stages restored from the run-cache (value not fresh?): {sorted(restored)}"
+    assert ran == set(expected), (
+        f"{dotted}: {old!r} -> {value!r}\n"
+        f"  ran but should not: {sorted(ran - expected)}\n"
+        f"  should have run but did not: {sorted(expected - ran)}\n{log[-3000:]}"
+    )
