@@ -20,6 +20,7 @@ repro: install
 	@cat metrics/summary.md
 
 test: install
+	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 bench: install

@@ -27,18 +27,24 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxr.augment import augment_batch
-from cxr.cli import run
-from cxr.engine import evaluate, iterate_batches, to_input, train_one_epoch
-from cxr.images import IMAGE_SUFFIXES
-from cxr.models import build_model
+from cxr.console import run
+from cxr.data.images import IMAGE_SUFFIXES
+from cxr.data.preprocess import decode_all
 from cxr.params import APPROACHES, Params, load_params
 from cxr.paths import METRICS, PROCESSED, RAW
-from cxr.preprocess import decode_all
-from cxr.runtime import autocast, configure, memory_format_of
-from cxr.train import (
-    SplitTensors, compute_embeddings, load_tensors, make_ema, make_optimizer, make_scheduler, model_args_for,
+from cxr.training.augment import augment_batch
+from cxr.training.engine import evaluate, iterate_batches, to_input, train_one_epoch
+from cxr.training.loop import (
+    SplitTensors,
+    compute_embeddings,
+    load_tensors,
+    make_ema,
+    make_optimizer,
+    make_scheduler,
+    model_args_for,
 )
+from cxr.training.models import build_model
+from cxr.training.runtime import autocast, configure, memory_format_of
 
 WARMUP_STEPS = 2
 SCHEDULE_STEPS = 10**9  # the learning-rate schedule's length: no benchmark outruns it, and its shape costs nothing
@@ -86,15 +92,15 @@ def best_rates(runs: dict[str, Run], steps: int, repeats: int, device: torch.dev
     0.912-0.956 in six runs with 3 rounds, 0.914-0.935 with 10), while an image model's
     10-second rounds are long enough as they are.
     """
-    for run in runs.values():
-        run(WARMUP_STEPS)
-    slowest = max(timed(run, steps, device)[1] for run in runs.values())
+    for warm_up in runs.values():
+        warm_up(WARMUP_STEPS)
+    slowest = max(timed(step, steps, device)[1] for step in runs.values())
     round_steps = max(steps, math.ceil(steps * min_seconds / max(slowest, 1e-9)))
     rounds = max(repeats, math.ceil(min_total / max(slowest * round_steps / steps, 1e-9)))
     rates = dict.fromkeys(runs, 0.0)
     for _ in range(rounds):
-        for name, run in runs.items():
-            images, seconds = timed(run, round_steps, device)
+        for name, step in runs.items():
+            images, seconds = timed(step, round_steps, device)
             rates[name] = max(rates[name], images / seconds)
     return rates, round_steps, rounds
 

@@ -17,12 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from cxr.cli import run
-from cxr.evaluation import classification_metrics, load_trained_model, predict_split
+from cxr.console import run
+from cxr.evaluation.inference import load_trained_model, predict_split
 from cxr.params import load_params
 from cxr.paths import METRICS, PROCESSED
-from cxr.runtime import select_device
-from cxr.train import train_approach
+from cxr.reporting.scores import classification_metrics
+from cxr.training.loop import train_approach
+from cxr.training.runtime import select_device
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -41,7 +41,7 @@ fi
 project() {
   local dir=$1; shift
   mkdir -p "$dir/.dvc"
-  cp -r stages dvc.yaml params.yaml .gitignore "$dir/"
+  cp -r stages src dvc.yaml params.yaml .gitignore .dvcignore "$dir/"
   cp .dvc/config .dvc/.gitignore "$dir/.dvc/"
   "$PY" - "$dir/params.yaml" "$DATA" "$SIZE" "$@" <<'EOF'
 import sys, yaml

@@ -3,11 +3,11 @@
 import pandas as pd
 
 from cxr import paths
-from cxr.audit import audit_splits
-from cxr.cli import run
+from cxr.console import run
+from cxr.data.audit import audit_splits
+from cxr.data.split import SPLIT_NAMES
 from cxr.files import atomic_write, write_json
 from cxr.params import load_params
-from cxr.split import SPLIT_NAMES
 
 
 def main() -> None:

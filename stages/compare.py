@@ -3,13 +3,14 @@
 import pandas as pd
 
 from cxr import paths
-from cxr.cli import run
-from cxr.compare import MODEL_NAMES, bar_chart, report_markdown, summary_markdown, summary_table
-from cxr.comparison import ENSEMBLE, ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
-from cxr.evaluation import classification_metrics
-from cxr.figures import confusion_png, reliability_png, roc_pr_png
+from cxr.approaches import APPROACHES, DISPLAY_NAMES, ENSEMBLE
+from cxr.console import run
 from cxr.files import atomic_write, write_json, write_text
-from cxr.params import APPROACHES, load_params
+from cxr.params import load_params
+from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
+from cxr.reporting.figures import confusion_png, reliability_png, roc_pr_png
+from cxr.reporting.scores import classification_metrics
+from cxr.reporting.tables import bar_chart, report_markdown, summary_markdown, summary_table
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
             reports[name]["calibration"], calibrated[name] = temperature_calibration(
                 val[name], test[name], classes, settings.ece_bins
             )
-    mcnemar, sentences = paired_tests(test, MODEL_NAMES, settings.alpha)
+    mcnemar, sentences = paired_tests(test, DISPLAY_NAMES, settings.alpha)
     write_json(paths.SUMMARY_JSON, {"models": reports, "mcnemar": mcnemar, "ensemble_weights": weights})
 
     table = summary_table(scores)
@@ -44,7 +45,7 @@ def main() -> None:
     bar_chart(table, paths.PLOTS / "compare.png")
     roc_pr_png(test, classes, paths.PLOTS / "roc_pr.png")
     reliability_png(test, classes, paths.PLOTS / "reliability.png", settings.ece_bins, calibrated or None)
-    confusion_png(test[ENSEMBLE], classes, f"{MODEL_NAMES[ENSEMBLE]}: test confusion matrix",
+    confusion_png(test[ENSEMBLE], classes, f"{DISPLAY_NAMES[ENSEMBLE]}: test confusion matrix",
                   paths.evaluation_plots(ENSEMBLE) / "confusion.png")
     write_text(paths.REPORT, report_markdown(summary, APPROACHES))
     print(summary)

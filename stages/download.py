@@ -1,8 +1,8 @@
 """Stage download: fetch the data set named by ``data.source`` into data/raw."""
 
 from cxr import paths
-from cxr.cli import run
-from cxr.download import fetch_dataset
+from cxr.console import run
+from cxr.data.download import fetch_dataset
 from cxr.params import load_params
 
 

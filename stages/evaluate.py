@@ -11,15 +11,16 @@ threads, memory reuse and layout come from ``train`` (speed only).
 import argparse
 
 from cxr import paths
-from cxr.cli import run
-from cxr.compare import MODEL_NAMES
-from cxr.evaluation import classification_metrics, load_trained_model, predict_split
-from cxr.figures import confusion_png
+from cxr.approaches import APPROACHES, DISPLAY_NAMES
+from cxr.console import run
+from cxr.evaluation.inference import load_trained_model, predict_split
+from cxr.evaluation.saliency import gradcam_gallery, misclassified
+from cxr.evaluation.tta import ViewAveraged
 from cxr.files import atomic_write, write_json
-from cxr.params import APPROACHES, load_params
-from cxr.runtime import configure_host, memory_format_of, select_device
-from cxr.saliency import gradcam_gallery, misclassified
-from cxr.tta import ViewAveraged
+from cxr.params import load_params
+from cxr.reporting.figures import confusion_png
+from cxr.reporting.scores import classification_metrics
+from cxr.training.runtime import configure_host, memory_format_of, select_device
 
 
 def main() -> None:
@@ -42,9 +43,9 @@ def main() -> None:
     write_json(paths.metrics_file(approach), classification_metrics(test.table["label"], test.table["predicted"], classes))
     atomic_write(paths.misclassified_file(approach), lambda tmp: misclassified(test.table, classes).to_csv(tmp, index=False))
     plots = paths.evaluation_plots(approach)
-    confusion_png(test.table, classes, f"{MODEL_NAMES[approach]}: test confusion matrix", plots / "confusion.png")
+    confusion_png(test.table, classes, f"{DISPLAY_NAMES[approach]}: test confusion matrix", plots / "confusion.png")
     gradcam_gallery(model.cpu(), test.images, test.table, classes, params.evaluate.gradcam_per_class,
-                    f"{MODEL_NAMES[approach]}: Grad-CAM on test images", plots / "gradcam.png")
+                    f"{DISPLAY_NAMES[approach]}: Grad-CAM on test images", plots / "gradcam.png")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@
 import pandas as pd
 
 from cxr import paths
-from cxr.cli import run
+from cxr.console import run
+from cxr.data.preprocess import preprocess_split, save_split
+from cxr.data.split import SPLIT_NAMES, class_counts
 from cxr.files import atomic_write, read_json, write_json
 from cxr.params import load_params
-from cxr.preprocess import preprocess_split, save_split
-from cxr.split import SPLIT_NAMES, class_counts
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """Stage split: patient-grouped, stratified train/val split of Data/train; Data/test as is."""
 
 from cxr import paths
-from cxr.cli import run
+from cxr.console import run
+from cxr.data.split import make_splits
 from cxr.files import atomic_write
 from cxr.params import load_params
-from cxr.split import make_splits
 
 
 def main() -> None:

@@ -4,9 +4,10 @@ import argparse
 import logging
 
 from cxr import paths
-from cxr.cli import run
-from cxr.params import APPROACHES, load_params
-from cxr.train import train_approach
+from cxr.approaches import APPROACHES
+from cxr.console import run
+from cxr.params import load_params
+from cxr.training.loop import train_approach
 
 
 def main() -> None:

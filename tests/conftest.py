@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr.preprocess import save_split
+from cxr.data.preprocess import save_split
 
 CLASSES = ("COVID19", "NORMAL", "PNEUMONIA")
 
@@ -34,7 +34,7 @@ _TEST_PATIENT_OFFSET = 1000
 
 OFFLINE = Path(__file__).resolve().parent / "offline"
 sys.path.insert(0, str(OFFLINE))
-from network_guard import LOG_VARIABLE, NetworkAccessError, guarded  # noqa: E402  (needs OFFLINE on sys.path)
+from network_guard import LOG_VARIABLE, guarded  # noqa: E402  (needs OFFLINE on sys.path)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Refuse non-loopback connections in this process; fail the test if any process it started tried one."""
-    guarded(monkeypatch.setattr)
+    guarded(monkeypatch.setattr, record=False)
     log = Path(os.environ[LOG_VARIABLE])
     seen = log.stat().st_size
     yield

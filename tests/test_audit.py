@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr import audit
-from cxr.audit import (
+from cxr.data import audit
+from cxr.data.audit import (
     DEFAULT_THRESHOLD,
     PAIR_COLUMNS,
     close_pairs,
@@ -106,7 +106,8 @@ def test_drop_removes_the_train_copy_and_leaves_test_intact(leaky_frame):
 
 
 def pair_row(path_a: str, split_a: str, path_b: str, split_b: str) -> dict:
-    return {"path_a": path_a, "split_a": split_a, "label_a": "NORMAL", "path_b": path_b, "split_b": split_b, "label_b": "NORMAL", "distance": 1}
+    return {"path_a": path_a, "split_a": split_a, "label_a": "NORMAL",
+            "path_b": path_b, "split_b": split_b, "label_b": "NORMAL", "distance": 1}
 
 
 def test_drop_rule_keeps_test_and_val_over_train():

@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from conftest import make_kaggle_tree
-from cxr.audit import audit_splits
+from cxr.data.audit import audit_splits
+from cxr.data.split import make_splits
 from cxr.params import CLASSES
-from cxr.split import make_splits
+
+from conftest import make_kaggle_tree
 
 
 def test_planted_duplicate_is_counted_and_dropped_from_train_only_with_dedupe(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr.augment import affine_grid, augment_batch, random_affine
 from cxr.params import AugmentParams
+from cxr.training.augment import affine_grid, augment_batch, random_affine
 
 NONE = AugmentParams(rotation_deg=0.0, scale=0.0, translate=0.0, brightness=0.0, contrast=0.0)
 

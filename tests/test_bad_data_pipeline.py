@@ -27,12 +27,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_kaggle_tree
-from cxr.audit import audit_splits
+from cxr.data.audit import audit_splits
+from cxr.data.preprocess import preprocess_split
+from cxr.data.split import SPLIT_NAMES, index_split, make_splits
 from cxr.files import read_json
 from cxr.params import CLASSES
-from cxr.preprocess import preprocess_split
-from cxr.split import SPLIT_NAMES, index_split, make_splits
+
+from conftest import make_kaggle_tree
 from test_pipeline import make_project, ran_stages, sh
 
 KINDS = ("corrupt", "empty", "truncated")

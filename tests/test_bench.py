@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cxr.training.engine import EpochResult
+
 from conftest import write_processed
-from cxr.engine import EpochResult
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,11 +18,12 @@ import torch
 import yaml
 from torch import nn
 
-from cxr.engine import evaluate, iterate_batches
 from cxr.files import read_json
-from cxr.models import load_checkpoint, model_from_checkpoint
 from cxr.params import CLASSES
-from cxr.train import load_tensors
+from cxr.training.engine import evaluate, iterate_batches
+from cxr.training.loop import load_tensors
+from cxr.training.models import load_checkpoint, model_from_checkpoint
+
 from conftest import write_processed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +111,7 @@ def test_ddp_logged_validation_equals_one_process_scoring_the_saved_weights(runs
                       memory_format=torch.channels_last, progress=False)
     assert len(scored.labels) == len(val)
     assert scored.accuracy == checkpoint["val_accuracy"] and scored.macro_f1 == checkpoint["val_macro_f1"]
-    step, logged_loss = (ddp / "plots/custom/plots/metrics/val/loss.tsv").read_text().splitlines()[checkpoint["epoch"]].split("\t")
+    logged = (ddp / "plots/custom/plots/metrics/val/loss.tsv").read_text().splitlines()
+    step, logged_loss = logged[checkpoint["epoch"]].split("\t")
     assert int(step) == checkpoint["epoch"] - 1
     assert float(logged_loss) == pytest.approx(scored.loss, abs=LOSS_ROUNDING)

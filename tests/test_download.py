@@ -16,10 +16,11 @@ import pytest
 import requests
 from kagglehub.exceptions import DataCorruptionError, KaggleApiHTTPError
 
+from cxr.data.download import fetch_dataset, kagglehub_download
+from cxr.errors import PipelineError
+
 from conftest import CLASSES, make_kaggle_tree, make_kaggle_zip
 from test_pipeline import _env, make_project
-from cxr.download import fetch_dataset, kagglehub_download
-from cxr.errors import PipelineError
 
 HANDLE = "someone/chest-xray/versions/1"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.engine import batches_in_order, evaluate, iterate_batches, model_batches, train_one_epoch
+from cxr.training.engine import batches_in_order, evaluate, iterate_batches, model_batches, train_one_epoch
 
 
 def numbered(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,13 +5,15 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from conftest import write_processed
-from cxr.compare import bar_chart, summary_markdown, summary_table, to_markdown
-from cxr.comparison import model_report
-from cxr.evaluation import classification_metrics, predict_split
-from cxr.models import build_model
-from cxr.predictions import predictions_frame, probabilities_of
+from cxr.evaluation.inference import predict_split
+from cxr.evaluation.predictions import predictions_frame, probabilities_of
 from cxr.params import CLASSES
+from cxr.reporting.comparison import model_report
+from cxr.reporting.scores import classification_metrics
+from cxr.reporting.tables import bar_chart, summary_markdown, summary_table, to_markdown
+from cxr.training.models import build_model
+
+from conftest import write_processed
 
 
 def test_metrics_match_scikit_learn_and_list_an_absent_class():

@@ -1,4 +1,4 @@
-"""Tests for cxr.figures: valid and reproducible PNGs, well-formed curve tables, legend and title text."""
+"""Tests for cxr.reporting.figures: valid and reproducible PNGs, well-formed curve tables, legend and title text."""
 
 from pathlib import Path
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr import figures, stats
 from cxr.errors import PipelineError
+from cxr.reporting import figures, stats
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,9 +11,9 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from cxr import images
+from cxr.data import images
+from cxr.data.images import IMAGE_SUFFIXES, MAX_PIXELS, decode_grayscale, is_candidate_image
 from cxr.errors import ImageDecodeError
-from cxr.images import IMAGE_SUFFIXES, MAX_PIXELS, decode_grayscale, is_candidate_image
 
 SIZE = 32
 

@@ -14,9 +14,10 @@ import torch
 import yaml
 from torch import nn
 
+from cxr.training import loop
+from cxr.training.engine import iterate_batches, train_one_epoch
+
 from conftest import write_processed
-from cxr import train
-from cxr.engine import iterate_batches, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -49,23 +50,23 @@ def test_a_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_backs_o
 
 
 def test_fp16_training_gets_a_scaler_and_bf16_or_fp32_none(monkeypatch):
-    monkeypatch.setattr(train, "amp_dtype", lambda device, amp: {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp))
-    assert isinstance(train.make_grad_scaler(CPU, "fp16"), torch.amp.GradScaler)
-    assert train.make_grad_scaler(CPU, "bf16") is None
-    assert train.make_grad_scaler(CPU, "none") is None
+    monkeypatch.setattr(loop, "amp_dtype", lambda device, amp: {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp))
+    assert isinstance(loop.make_grad_scaler(CPU, "fp16"), torch.amp.GradScaler)
+    assert loop.make_grad_scaler(CPU, "bf16") is None
+    assert loop.make_grad_scaler(CPU, "none") is None
 
 
 def test_fp16_on_a_cpu_runs_fp32_without_a_scaler():
-    assert train.make_grad_scaler(CPU, "fp16") is None
+    assert loop.make_grad_scaler(CPU, "fp16") is None
 
 
 def test_the_scaler_state_is_part_of_the_resume_state():
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
-    state = train.TrainingState(model, optimizer, None, None, scaler, seed=0, device=CPU)
+    state = loop.TrainingState(model, optimizer, None, None, scaler, seed=0, device=CPU)
     saved = state.state_dict()
-    restored = train.TrainingState(model, optimizer, None, None, torch.amp.GradScaler("cpu"), seed=0, device=CPU)
+    restored = loop.TrainingState(model, optimizer, None, None, torch.amp.GradScaler("cpu"), seed=0, device=CPU)
     restored.load_state_dict(saved)
     assert restored.scaler.get_scale() == 64.0
 

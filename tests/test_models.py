@@ -7,7 +7,7 @@ import torch
 from torchvision.models import resnet18
 
 from cxr.errors import PipelineError
-from cxr.models import (
+from cxr.training.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     backbone_weights,

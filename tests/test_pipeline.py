@@ -13,15 +13,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import make_kaggle_tree
-from cxr.evaluation import classification_metrics
 from cxr.files import read_json
 from cxr.params import APPROACHES, CLASSES
+from cxr.reporting.scores import classification_metrics
+
+from conftest import make_kaggle_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI_ZIP = ROOT.parent / "shared" / "data" / "cxr3-mini.zip"
 MODELS = (*APPROACHES, "ensemble")
-PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore")
+PROJECT_FILES = ("stages", "src", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore", ".dvcignore")
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def make_project(tmp_path: Path, source: Path, image_size: int, epochs: int) -> 
         target = project / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(ROOT / name, target)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -14,10 +14,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from cxr.images import decode_grayscale
-from cxr.models import build_model, load_checkpoint, model_from_checkpoint
+from cxr.data.images import decode_grayscale
+from cxr.evaluation.tta import ViewAveraged
 from cxr.predict import find_images, main, predict_files
-from cxr.tta import ViewAveraged
+from cxr.training.models import build_model, load_checkpoint, model_from_checkpoint
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 IMAGE_SIZE = 32

@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CLASSES, make_kaggle_tree
+from cxr.data.images import decode_grayscale
+from cxr.data.preprocess import decode_all, load_split, preprocess_split, save_split
+from cxr.data.split import index_split
 from cxr.errors import PipelineError
-from cxr.images import decode_grayscale
-from cxr.preprocess import decode_all, load_split, preprocess_split, save_split
-from cxr.split import index_split
+
+from conftest import CLASSES, make_kaggle_tree
 
 SIZE = 32
 EMPTY = "train/COVID19/empty.jpg"

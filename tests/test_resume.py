@@ -18,10 +18,11 @@ import pytest
 import torch
 import yaml
 
+from cxr.training.loop import train_approach
+
 from conftest import make_kaggle_tree, write_processed
 from test_pipeline import _env, make_project, ran_stages, sh
 from test_train import tiny_params
-from cxr.train import train_approach
 
 EPOCHS = 8  # the custom CNN's best validation epoch on this data is 6: kills before and after it are both possible
 

@@ -8,10 +8,16 @@ import sys
 import pytest
 import torch
 
-from cxr import runtime
 from cxr.params import RuntimeParams
-from cxr.runtime import (
-    amp_dtype, autocast, configure, configure_host, describe_precision, memory_format_of, reuse_freed_memory,
+from cxr.training import runtime
+from cxr.training.runtime import (
+    amp_dtype,
+    autocast,
+    configure,
+    configure_host,
+    describe_precision,
+    memory_format_of,
+    reuse_freed_memory,
 )
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -93,6 +99,6 @@ def test_without_glibc_memory_settings_are_left_alone_and_said_so(monkeypatch, c
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", no_glibc)
     assert reuse_freed_memory() is False
-    with caplog.at_level(logging.INFO, logger="cxr.runtime"):
+    with caplog.at_level(logging.INFO, logger="cxr.training.runtime"):
         configure(RuntimeParams(threads=1))
     assert "not glibc" in caplog.text

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-from cxr.saliency import gallery, gradcam_heatmaps, misclassified, overlay, select_examples
+from cxr.evaluation.saliency import gallery, gradcam_heatmaps, misclassified, overlay, select_examples
+from cxr.training.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 
@@ -225,7 +225,7 @@ def test_misclassified_lists_every_mistake_most_confident_first(predictions):
 
 
 def test_gradcam_gallery_explains_the_class_the_table_predicted(tmp_path: Path, predictions, monkeypatch):
-    import cxr.saliency as saliency
+    import cxr.evaluation.saliency as saliency
 
     explained = {}
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import CLASSES, make_kaggle_tree
+from cxr.data.split import class_counts, index_split, make_splits, patient_id, split_train_val
 from cxr.errors import PipelineError
-from cxr.split import class_counts, index_split, make_splits, patient_id, split_train_val
+
+from conftest import CLASSES, make_kaggle_tree
 
 # Unequal class sizes, so stratification has something to keep; PNEUMONIA has two images per patient.
 PER_CLASS = {"COVID19": 8, "NORMAL": 16, "PNEUMONIA": 24}

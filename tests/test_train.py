@@ -4,17 +4,16 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
 
-from cxr import runtime
 from cxr.errors import PipelineError
-from cxr.models import build_model, load_checkpoint, model_from_checkpoint
 from cxr.params import CLASSES, parse_params
-from cxr.train import compute_embeddings, load_tensors, make_ema, train_approach
+from cxr.training import runtime
+from cxr.training.loop import compute_embeddings, load_tensors, make_ema, train_approach
+from cxr.training.models import build_model, load_checkpoint, model_from_checkpoint
+
 from conftest import write_processed
 
 ROOT = Path(__file__).resolve().parents[1]

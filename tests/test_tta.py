@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.models import build_model
-from cxr.tta import VIEWS, ViewAveraged, view
+from cxr.evaluation.tta import VIEWS, ViewAveraged, view
+from cxr.training.models import build_model
 
 
 def _model() -> nn.Module:

@@ -37,11 +37,11 @@ def is_loopback(host: object) -> bool:
         return False
 
 
-def refuse(what: str) -> None:
-    """Record the attempt where ``CXR_NETWORK_LOG`` says, then raise."""
+def refuse(what: str, record: bool) -> None:
+    """Raise; with ``record``, first append the attempt to the file ``CXR_NETWORK_LOG`` names."""
     message = f"test tried to reach the network: {what} (pid {os.getpid()}: {' '.join(sys.argv)[:200]})"
     log = os.environ.get(LOG_VARIABLE)
-    if log:
+    if log and record:
         with open(log, "a", encoding="utf-8") as handle:
             handle.write(message + "\n")
     raise NetworkAccessError(message)
@@ -51,30 +51,34 @@ def _inet(sock: socket.socket) -> bool:
     return sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
-def guarded(patch: Callable[[Any, str, Any], None]) -> None:
-    """Install the guard through ``patch(owner, name, replacement)`` (``setattr``, or pytest's monkeypatch)."""
+def guarded(patch: Callable[[Any, str, Any], None], record: bool = True) -> None:
+    """Install the guard through ``patch(owner, name, replacement)`` (``setattr``, or pytest's monkeypatch).
+
+    ``record`` logs each refusal. The test process itself does not: its tests provoke refusals
+    on purpose to check the offline errors users see, and the exception already fails any other.
+    """
     real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
     real_sendto, real_getaddrinfo = socket.socket.sendto, socket.getaddrinfo
 
     def connect(sock: socket.socket, address: Any) -> None:
         if _inet(sock) and not is_loopback(address[0]):
-            refuse(f"connect {address!r}")
+            refuse(f"connect {address!r}", record)
         return real_connect(sock, address)
 
     def connect_ex(sock: socket.socket, address: Any) -> int:
         if _inet(sock) and not is_loopback(address[0]):
-            refuse(f"connect {address!r}")
+            refuse(f"connect {address!r}", record)
         return real_connect_ex(sock, address)
 
     def sendto(sock: socket.socket, data: bytes, *args: Any) -> int:
         address = args[-1]
         if _inet(sock) and not is_loopback(address[0]):
-            refuse(f"sendto {address!r}")
+            refuse(f"sendto {address!r}", record)
         return real_sendto(sock, data, *args)
 
     def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
         if not is_loopback(host):
-            refuse(f"resolve {host!r}")
+            refuse(f"resolve {host!r}", record)
         return real_getaddrinfo(host, *args, **kwargs)
 
     patch(socket.socket, "connect", connect)

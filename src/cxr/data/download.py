@@ -16,8 +16,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cxr.data.images import is_candidate_image
 from cxr.errors import PipelineError, first_line
-from cxr.images import is_candidate_image
 
 SPLITS = ("train", "test")
 KaggleDownloader = Callable[[str, Path], Path]
@@ -98,7 +98,9 @@ def find_data_root(folder: Path) -> Path:
     ]
     roots = [p for p in candidates if (p / "train").is_dir() or (p / "test").is_dir()]
     if not roots:
-        raise PipelineError(f"{folder}: no Data/train or Data/test folder found (expected Kaggle layout Data/{{train,test}}/<class>/)")
+        raise PipelineError(
+            f"{folder}: no Data/train or Data/test folder found (expected Kaggle layout Data/{{train,test}}/<class>/)"
+        )
     if len(roots) > 1:
         names = ", ".join(str(r.relative_to(folder)) for r in roots[:3])
         raise PipelineError(f"{folder}: several data roots found ({names}); keep exactly one Data/ folder")

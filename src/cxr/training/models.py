@@ -8,7 +8,6 @@ checkpoint, and evaluation, Grad-CAM and ``cxr-predict`` cannot get them wrong.
 
 from __future__ import annotations
 
-import socket
 import urllib.error
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -147,7 +146,7 @@ def imagenet_state_dict() -> dict[str, torch.Tensor]:
     """torchvision's ``ResNet18_Weights.IMAGENET1K_V1`` (downloaded once to ``$TORCH_HOME``)."""
     try:
         return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
-    except (urllib.error.URLError, socket.error, RuntimeError) as err:
+    except (OSError, urllib.error.URLError, RuntimeError) as err:
         raise PipelineError(
             f"cannot load ImageNet weights for ResNet-18 ({type(err).__name__}: {err}); connect to the internet once, "
             "or copy resnet18-f37072fd.pth into $TORCH_HOME/hub/checkpoints/, or set train_<approach>.weights "

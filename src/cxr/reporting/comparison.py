@@ -1,6 +1,6 @@
 """The honest comparison: ensemble, confidence intervals, paired tests, AUC and calibration.
 
-Everything here works on predictions tables (:mod:`cxr.predictions`), so the numbers can
+Everything here works on predictions tables (:mod:`cxr.evaluation.predictions`), so the numbers can
 be recomputed from the CSV files alone, without a model.
 """
 
@@ -12,11 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr import stats
 from cxr.errors import PipelineError
-from cxr.predictions import predictions_frame, probabilities_of
-
-ENSEMBLE = "ensemble"
+from cxr.evaluation.predictions import predictions_frame, probabilities_of
+from cxr.reporting import stats
 
 
 def ensemble_weights(val_frames: Mapping[str, pd.DataFrame], classes: Sequence[str], mode: str) -> dict[str, float]:

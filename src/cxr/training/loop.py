@@ -6,7 +6,7 @@ once per split and trains the head on them: the result is the same model as runn
 frozen body every epoch, many times faster.
 
 Launched with ``torchrun --nproc_per_node=N stages/train.py <approach>``, the same code trains
-data-parallel (DistributedDataParallel, see :mod:`cxr.distributed`); launched with python it
+data-parallel (DistributedDataParallel, see :mod:`cxr.training.distributed`); launched with python it
 is the single-process run, unchanged.
 """
 
@@ -28,20 +28,26 @@ from dvclive import Live
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from cxr import distributed
-from cxr.augment import augment_batch
-from cxr.engine import (
-    EpochResult, batches_in_order, combine_results, evaluate, iterate_batches, to_input, train_one_epoch,
-)
+from cxr.approaches import REGISTRY
+from cxr.data.preprocess import load_split
 from cxr.errors import PipelineError, first_line
 from cxr.files import atomic_write
-from cxr.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, backbone_weights, build_model, imagenet_state_dict
 from cxr.params import Params, TrainParams, as_dict
-from cxr.preprocess import load_split
-from cxr.runtime import amp_dtype, autocast, configure, describe_precision, memory_format_of
+from cxr.training import distributed
+from cxr.training.augment import augment_batch
+from cxr.training.engine import (
+    EpochResult,
+    batches_in_order,
+    combine_results,
+    evaluate,
+    iterate_batches,
+    to_input,
+    train_one_epoch,
+)
+from cxr.training.models import IMAGENET_MEAN, IMAGENET_STD, Classifier, backbone_weights, build_model, imagenet_state_dict
+from cxr.training.runtime import amp_dtype, autocast, configure, describe_precision, memory_format_of
 
 log = logging.getLogger(__name__)
-ARCH_BY_APPROACH = {"custom": "custom_cnn", "extract": "resnet18", "finetune": "resnet18"}
 
 
 @dataclass
@@ -75,7 +81,7 @@ def pixel_stats(images: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
 
 def model_args_for(approach: str, recipe: TrainParams, train_images: torch.Tensor, num_classes: int) -> dict[str, Any]:
     """The primitive arguments that rebuild the architecture (stored in the checkpoint)."""
-    arch = ARCH_BY_APPROACH[approach]
+    arch = REGISTRY[approach].arch
     channels = 1 if arch == "custom_cnn" else 3
     if arch == "resnet18" and recipe.weights != "none":
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
@@ -181,7 +187,7 @@ def data_digest(*splits: SplitTensors) -> str:
 def code_digest() -> str:
     """A digest of the library's source: a run resumed under edited code would match neither version."""
     digest = hashlib.blake2b(digest_size=16)
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
@@ -383,7 +389,7 @@ def train_approach(
     and ends exactly where an uninterrupted run would. The checkpoint is written once, at the
     end, from the best epoch the state holds.
 
-    Under ``torchrun --nproc_per_node=N`` (see :mod:`cxr.distributed`) the model trains in
+    Under ``torchrun --nproc_per_node=N`` (see :mod:`cxr.training.distributed`) the model trains in
     DistributedDataParallel: each rank takes a DistributedSampler share of every epoch in
     batches of ``batch_size``, so the effective batch is N x ``batch_size`` (as in the
     torchvision reference scripts; halve ``batch_size`` to keep the single-process one).
@@ -448,11 +454,12 @@ def _prepare(approach: str, params: Params, processed_dir: Path, device: torch.d
     backbone = backbone_weights(recipe.weights, imagenet) if needs_backbone else None
     memory_format = memory_format_of(runtime)
     model = build_model(**model_args, backbone_state=backbone).to(device, memory_format=memory_format)
-    cached = approach == "extract" and recipe.cache_embeddings and not recipe.augment.enabled
-    if approach == "extract":
+    frozen = REGISTRY[approach].frozen_body
+    cached = frozen and recipe.cache_embeddings and not recipe.augment.enabled
+    if frozen:
         model.freeze_body()
-        log.info("extract: %s", "caching the frozen body's embeddings once per split, then training the head on them"
-                 if cached else "the frozen body runs on every batch (augmentation on or cache_embeddings off)")
+        log.info("%s: %s", approach, "caching the frozen body's embeddings once per split, then training the head on "
+                 "them" if cached else "the frozen body runs on every batch (augmentation on or cache_embeddings off)")
     if cached:
         train_split, val_split = (
             compute_embeddings(model, split, params.evaluate.batch_size, device, memory_format, runtime.amp)

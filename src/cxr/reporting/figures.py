@@ -28,8 +28,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_curve  # noqa: E402
 
 from cxr.errors import PipelineError  # noqa: E402
-from cxr.predictions import probabilities_of  # noqa: E402
-from cxr.stats import encode_labels, expected_calibration_error, reliability_bins, roc_auc_per_class  # noqa: E402
+from cxr.evaluation.predictions import probabilities_of  # noqa: E402
+from cxr.reporting.stats import encode_labels, expected_calibration_error, reliability_bins, roc_auc_per_class  # noqa: E402
 
 DPI = 100
 CURVE_DECIMALS = 5
@@ -166,7 +166,7 @@ def _format_score(value: float) -> str:
 def curve_legend_labels(frames: Mapping[str, pd.DataFrame], classes: Sequence[str]) -> dict[str, dict[str, tuple[str, str]]]:
     """Legend text per class and model: (ROC label with its AUC, PR label with its average precision).
 
-    ROC AUC comes from :func:`cxr.stats.roc_auc_per_class` so the figure quotes the same
+    ROC AUC comes from :func:`cxr.reporting.stats.roc_auc_per_class` so the figure quotes the same
     number as the metrics files; "n/a" marks a class the table cannot score.
     """
     labels: dict[str, dict[str, tuple[str, str]]] = {name: {} for name in classes}
@@ -262,7 +262,7 @@ def reliability_png(
     """Reliability diagram, one panel per model: top-label confidence against accuracy per bin.
 
     Points below the diagonal mean over-confidence. Each title gives the ECE with
-    ``n_bins`` bins (the same number :func:`cxr.stats.expected_calibration_error` reports).
+    ``n_bins`` bins (the same number :func:`cxr.reporting.stats.expected_calibration_error` reports).
     ``calibrated`` maps a model name to its (N, classes) probabilities after calibration
     (e.g. temperature scaling), row-aligned with that model's table; those models get a
     second line and an "ECE before → after" title.

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from cxr.data.images import is_candidate_image
 from cxr.errors import PipelineError
-from cxr.images import is_candidate_image
 
 PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_", re.IGNORECASE),  # person123_bacteria_456.jpeg

@@ -15,7 +15,9 @@ from cxr.errors import PipelineError
 PROB_PREFIX = "prob_"
 
 
-def predictions_frame(paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+def predictions_frame(
+    paths: Sequence[str], labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]
+) -> pd.DataFrame:
     """One row per image: path, true and predicted class, and each class's probability."""
     frame = pd.DataFrame({"path": list(paths), "label": np.asarray(classes)[labels]})
     frame["predicted"] = np.asarray(classes)[probabilities.argmax(axis=1)]

@@ -1,4 +1,4 @@
-"""Test-set predictions and the scores the comparison table is built from."""
+"""A trained model's predictions on a split, as the evaluate stage writes them."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
-from cxr.engine import evaluate, iterate_batches
+from cxr.data.preprocess import load_split
 from cxr.errors import PipelineError
-from cxr.models import load_checkpoint, model_from_checkpoint
-from cxr.predictions import predictions_frame
-from cxr.preprocess import load_split
+from cxr.evaluation.predictions import predictions_frame
+from cxr.training.engine import evaluate, iterate_batches
+from cxr.training.models import load_checkpoint, model_from_checkpoint
+
 
 def load_trained_model(
     model_path: Path, classes: Sequence[str], device: torch.device,
@@ -59,30 +59,3 @@ def predict_split(
         desc=f"{checkpoint['approach']} {split}",
     )
     return SplitPredictions(images, predictions_frame(rows["path"], labels, result.probabilities, classes))
-
-
-def classification_metrics(true: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro precision/recall/F1, per-class scores and the confusion matrix (scikit-learn)."""
-    classes = list(classes)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        true, predicted, labels=classes, zero_division=0
-    )
-    return {
-        "accuracy": round(float(accuracy_score(true, predicted)), 6),
-        "precision_macro": round(float(precision.mean()), 6),
-        "recall_macro": round(float(recall.mean()), 6),
-        "f1_macro": round(float(f1.mean()), 6),
-        "per_class": {
-            name: {
-                "precision": round(float(precision[i]), 6),
-                "recall": round(float(recall[i]), 6),
-                "f1": round(float(f1[i]), 6),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(classes)
-        },
-        "confusion_matrix": {
-            "labels": classes,
-            "rows_true_columns_predicted": confusion_matrix(true, predicted, labels=classes).tolist(),
-        },
-    }

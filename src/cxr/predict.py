@@ -1,7 +1,7 @@
 """``cxr-predict``: classify a user's own X-ray files with a trained checkpoint.
 
-Images go through :func:`cxr.images.decode_grayscale` at the checkpoint's image size and
-through :func:`cxr.engine.to_input`, exactly like the training and evaluation stages, so a
+Images go through :func:`cxr.data.images.decode_grayscale` at the checkpoint's image size and
+through :func:`cxr.training.engine.to_input`, exactly like the training and evaluation stages, so a
 file gets the same prediction here as it would inside the pipeline (with ``--tta`` for a model the
 evaluate stage scores with test-time augmentation, ``evaluate.tta``). Files are processed in
 chunks of ``--batch-size``: memory stays bounded however large the folder, and a file that
@@ -33,13 +33,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxr.cli import run
-from cxr.engine import to_input
+from cxr.console import run
+from cxr.data.images import IMAGE_SUFFIXES, decode_grayscale, is_candidate_image
 from cxr.errors import ImageDecodeError, PipelineError
-from cxr.images import IMAGE_SUFFIXES, decode_grayscale, is_candidate_image
-from cxr.models import load_checkpoint, model_from_checkpoint
-from cxr.runtime import reuse_freed_memory
-from cxr.tta import ViewAveraged
+from cxr.evaluation.tta import ViewAveraged
+from cxr.training.engine import to_input
+from cxr.training.models import load_checkpoint, model_from_checkpoint
+from cxr.training.runtime import reuse_freed_memory
 
 DEFAULT_BATCH_SIZE = 32
 _MAX_DECODE_THREADS = 8
@@ -213,7 +213,7 @@ class GradcamWriter:
         """Overlay the Grad-CAM of each image's predicted class on the pixels the model saw."""
         if not chunk.paths:
             return
-        from cxr.saliency import gradcam_heatmaps, overlay
+        from cxr.evaluation.saliency import gradcam_heatmaps, overlay
 
         images = to_input(torch.from_numpy(chunk.pixels), torch.device("cpu"), torch.contiguous_format)
         targets = [int(index) for index in chunk.probabilities.argmax(axis=1)]

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from cxr.augment import warp
+from cxr.training.augment import warp
 
 # (rotation in degrees, zoom); the first is the image as it is.
 VIEWS: tuple[tuple[float, float], ...] = ((0.0, 1.0), (5.0, 1.0), (-5.0, 1.0), (0.0, 1.05), (0.0, 0.95))

@@ -12,12 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import pandas as pd  # noqa: E402
 
-MODEL_NAMES = {
-    "custom": "Custom CNN",
-    "extract": "Feature extraction (ResNet-18)",
-    "finetune": "Fine-tuning (ResNet-18)",
-    "ensemble": "Soft-voting ensemble",
-}
+from cxr.approaches import DISPLAY_NAMES  # noqa: E402
+
 COLUMNS = {
     "accuracy": "Accuracy",
     "precision_macro": "Precision (Macro)",
@@ -29,7 +25,7 @@ COLUMNS = {
 def summary_table(metrics: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per approach with the four headline scores, in the reference's column order."""
     rows = [
-        {"Model": MODEL_NAMES.get(name, name), **{title: scores[key] for key, title in COLUMNS.items()}}
+        {"Model": DISPLAY_NAMES.get(name, name), **{title: scores[key] for key, title in COLUMNS.items()}}
         for name, scores in metrics.items()
     ]
     return pd.DataFrame(rows, columns=["Model", *COLUMNS.values()])
@@ -79,7 +75,7 @@ def uncertainty_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
         calibration = report.get("calibration")
         after = f"{calibration['ece_after']:.4f} (T = {calibration['temperature']:.2f})" if calibration else "-"
         lines.append(
-            f"| {MODEL_NAMES.get(name, name)} | {_ci(report['accuracy'])} | {_ci(report['f1_macro'])} | "
+            f"| {DISPLAY_NAMES.get(name, name)} | {_ci(report['accuracy'])} | {_ci(report['f1_macro'])} | "
             f"{report['roc_auc']['macro']:.4f} | {report['ece']:.4f} | {after} |"
         )
     return "\n".join(lines) + "\n"
@@ -92,7 +88,7 @@ def per_class_markdown(reports: Mapping[str, Mapping[str, Any]], classes: Sequen
         for label in classes:
             scores = report["per_class"][label]
             lines.append(
-                f"| {MODEL_NAMES.get(name, name)} | {label} | {_ci(scores['sensitivity'])} | {_ci(scores['ppv'])} | "
+                f"| {DISPLAY_NAMES.get(name, name)} | {label} | {_ci(scores['sensitivity'])} | {_ci(scores['ppv'])} | "
                 f"{report['roc_auc'][label]:.4f} |"
             )
     return "\n".join(lines) + "\n"
@@ -106,9 +102,9 @@ def summary_markdown(
 
     ``tta`` names the approaches scored with test-time augmentation, which the table must say.
     """
-    weight_text = ", ".join(f"{MODEL_NAMES[name]} {weight:.3f}" for name, weight in weights.items())
+    weight_text = ", ".join(f"{DISPLAY_NAMES[name]} {weight:.3f}" for name, weight in weights.items())
     tta_text = (f"Scored with test-time augmentation (probabilities averaged over rotated and zoomed views of each "
-                f"image, `evaluate.tta`): {', '.join(MODEL_NAMES[name] for name in tta)}.\n" if tta else "")
+                f"image, `evaluate.tta`): {', '.join(DISPLAY_NAMES[name] for name in tta)}.\n" if tta else "")
     return "\n".join([
         to_markdown(table),
         f"{tta_text}95% confidence intervals: stratified bootstrap, {resamples} resamples of the test set.\n",
@@ -127,7 +123,7 @@ def report_markdown(summary: str, approaches: Sequence[str]) -> str:
     galleries = []
     for name in approaches:
         galleries += [
-            f"### {MODEL_NAMES[name]}",
+            f"### {DISPLAY_NAMES[name]}",
             "",
             f"![confusion matrix](../plots/evaluate/{name}/confusion.png)",
             "",

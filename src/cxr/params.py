@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
+from cxr.approaches import APPROACHES, REGISTRY
 from cxr.errors import PipelineError
 
 CLASSES = ("COVID19", "NORMAL", "PNEUMONIA")
-APPROACHES = ("custom", "extract", "finetune")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("onecycle", "cosine", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -144,7 +144,7 @@ class Params:
 
     def approach(self, name: str) -> TrainParams:
         """The training recipe of one approach (``custom``, ``extract`` or ``finetune``)."""
-        return getattr(self, f"train_{name}")
+        return getattr(self, REGISTRY[name].section)
 
 
 def _type_name(tp: Any) -> str:

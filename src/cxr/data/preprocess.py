@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from cxr.data.images import decode_grayscale
 from cxr.errors import ImageDecodeError, PipelineError
 from cxr.files import atomic_write
-from cxr.images import decode_grayscale
 
 
 def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:

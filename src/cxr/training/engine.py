@@ -17,7 +17,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from cxr.runtime import autocast
+from cxr.training.runtime import autocast
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -24,8 +24,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 from torch import nn  # noqa: E402
 
 from cxr.errors import PipelineError  # noqa: E402
-from cxr.predictions import PROB_PREFIX  # noqa: E402
-from cxr.models import Classifier  # noqa: E402
+from cxr.evaluation.predictions import PROB_PREFIX  # noqa: E402
+from cxr.training.models import Classifier  # noqa: E402
 
 OUTCOMES = ("correct", "wrong")
 TILE_INCHES = 1.6

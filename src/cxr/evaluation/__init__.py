@@ -1,0 +1,1 @@
+"""Scoring a trained model: predictions on a split, test-time augmentation and Grad-CAM saliency."""

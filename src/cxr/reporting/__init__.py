@@ -1,0 +1,1 @@
+"""Turning predictions into evidence: scores, statistics, the comparison, tables, report and figures."""
