@@ -11,7 +11,6 @@ the test scores of each. Run from the project root:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -35,13 +34,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     overrides = {k: v for k, v in {"epochs": args.epochs, "weights": args.weights}.items() if v is not None}
-    recipe = dataclasses.replace(params.train_extract, augment=dataclasses.replace(params.train_extract.augment,
-                                                                                  enabled=False), **overrides)
+    augment = params.train_extract.augment.model_copy(update={"enabled": False})
+    recipe = params.train_extract.model_copy(update={"augment": augment, **overrides})
     device = select_device(params.train.device)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for cached in (True, False):
-            variant = dataclasses.replace(params, train_extract=dataclasses.replace(recipe, cache_embeddings=cached))
+            variant = params.model_copy(update={"train_extract": recipe.model_copy(update={"cache_embeddings": cached})})
             model_path = Path(tmp) / f"extract-{cached}.pt"
             started = time.perf_counter()
             summary = train_approach("extract", variant, PROCESSED, model_path, Path(tmp) / f"live-{cached}",

@@ -310,3 +310,46 @@ def test_dvc_exp_run_set_param_rewrites_keep_params_yaml_valid(tmp_path, key, co
     params = as_dict(load_params(path))
     assert params["train_custom"]["epochs"] == 5
     assert params[section][name] == value
+
+
+def test_of_several_mistakes_unknown_keys_are_reported_first():
+    """One error is shown; a typo'd section name explains the "missing section" it also causes."""
+    raw = committed_raw()
+    raw["evalute"] = raw.pop("evaluate")
+    raw["data"]["source"] = None
+
+    assert error_of(raw).startswith("params.yaml: unknown key evalute; allowed keys at the top level: data, split,")
+
+
+def test_of_several_mistakes_the_first_in_file_order_is_reported():
+    raw = with_value("train_custom.epochs", "ten")
+    raw["preprocess"]["image_size"] = 16
+    raw["train_custom"]["zz"] = 1
+    raw["train_custom"]["aa"] = 1
+
+    assert error_of(raw) == "params.yaml: preprocess.image_size is 16; allowed: >= 32 and <= 1024"
+    del raw["preprocess"]["image_size"]
+    assert error_of(raw).startswith("params.yaml: unknown key train_custom.aa; allowed keys in train_custom: epochs,")
+
+
+def test_yaml_1_1_exponent_strings_are_numbers():
+    params = load_params(COMMITTED)
+    raw = yaml.safe_load(COMMITTED.read_text().replace("lr: 0.003", "lr: 3e-3"))
+
+    assert raw["train_custom"]["lr"] == "3e-3"
+    assert parse_params(raw) == params
+    assert error_of(with_value("train_custom.lr", "1e-30x")) == "params.yaml: train_custom.lr must be a number, got '1e-30x'"
+
+
+def test_a_choice_that_is_not_a_string_is_a_type_error():
+    assert error_of(with_value("train.device", 5)) == "params.yaml: train.device must be a string, got 5"
+
+
+def test_sections_are_frozen_and_copied_with_changes():
+    params = load_params(COMMITTED)
+    recipe = params.train_extract.model_copy(update={"cache_embeddings": False})
+
+    with pytest.raises(ValueError):
+        params.train_extract.epochs = 1  # type: ignore[misc]
+    assert recipe.cache_embeddings is False and recipe.lr == params.train_extract.lr
+    assert as_dict(params.model_copy(update={"train_extract": recipe}))["train_extract"]["cache_embeddings"] is False

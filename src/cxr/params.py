@@ -7,130 +7,131 @@ data is touched, instead of surfacing as a crash an hour into training.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from cxr.approaches import APPROACHES, REGISTRY
 from cxr.errors import PipelineError
 
+Optimizer = Literal["adamw", "sgd"]
+Scheduler = Literal["onecycle", "cosine", "none"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+AmpDtype = Literal["none", "bf16", "fp16"]
 CLASSES = ("COVID19", "NORMAL", "PNEUMONIA")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("onecycle", "cosine", "none")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-AMP_DTYPES = ("none", "bf16", "fp16")
+OPTIMIZERS, SCHEDULERS, DEVICES, AMP_DTYPES = (get_args(choice) for choice in (Optimizer, Scheduler, Device, AmpDtype))
 MIN_IMAGE_SIZE = 32
 
 
-def _choices(*allowed: str) -> dict[str, Any]:
-    return {"choices": allowed}
+def _yaml_float(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; users mean the number."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
-def _range(low: float | None = None, high: float | None = None, *, open_low: bool = False) -> dict[str, Any]:
-    return {"low": low, "high": high, "open_low": open_low}
+Number = Annotated[float, BeforeValidator(_yaml_float)]
 
 
-@dataclass(frozen=True)
-class DataParams:
+class _Section(BaseModel):
+    """A params section: unknown keys are typos, and strict types turn no true into 1 or 10.5 into 10.
+
+    (Ints are still accepted where numbers are, and become floats.)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataParams(_Section):
     """Where the raw images come from and which classes they hold."""
 
     source: str = "kaggle"
     kaggle_handle: str = "prashant268/chest-xray-covid19-pneumonia/versions/1"
-    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    classes: list[str] = list(CLASSES)
 
 
-@dataclass(frozen=True)
-class SplitParams:
-    val_fraction: float = field(default=0.15, metadata=_range(0.0, 0.5, open_low=True))
+class SplitParams(_Section):
+    val_fraction: Number = Field(0.15, gt=0.0, le=0.5)
     seed: int = 42
     dedupe: bool = False
 
 
-@dataclass(frozen=True)
-class AuditParams:
+class AuditParams(_Section):
     """Near-duplicate search across splits (perceptual hash, Hamming distance in bits of 64)."""
 
-    threshold: int = field(default=4, metadata=_range(0, 64))
-    workers: int = field(default=2, metadata=_range(1, 256))
+    threshold: int = Field(4, ge=0, le=64)
+    workers: int = Field(2, ge=1, le=256)
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
-    image_size: int = field(default=224, metadata=_range(MIN_IMAGE_SIZE, 1024))
-    workers: int = field(default=2, metadata=_range(1, 256))
+class PreprocessParams(_Section):
+    image_size: int = Field(224, ge=MIN_IMAGE_SIZE, le=1024)
+    workers: int = Field(2, ge=1, le=256)
 
 
-@dataclass(frozen=True)
-class RuntimeParams:
+class RuntimeParams(_Section):
     """Settings shared by every training stage: they change speed, not the experiment."""
 
     seed: int = 42
-    device: str = field(default="auto", metadata=_choices(*DEVICES))
-    threads: int = field(default=0, metadata=_range(0, 1024))
-    amp: str = field(default="bf16", metadata=_choices(*AMP_DTYPES))
+    device: Device = "auto"
+    threads: int = Field(0, ge=0, le=1024)
+    amp: AmpDtype = "bf16"
     channels_last: bool = True
     compile: bool = False
     deterministic: bool = False
     reuse_freed_memory: bool = True
 
 
-@dataclass(frozen=True)
-class AugmentParams:
+class AugmentParams(_Section):
     """Batched, tensor-side augmentation; small geometric and photometric jitter."""
 
     enabled: bool = True
-    rotation_deg: float = field(default=10.0, metadata=_range(0.0, 45.0))
-    scale: float = field(default=0.10, metadata=_range(0.0, 0.5))
-    translate: float = field(default=0.06, metadata=_range(0.0, 0.5))
-    brightness: float = field(default=0.10, metadata=_range(0.0, 1.0))
-    contrast: float = field(default=0.10, metadata=_range(0.0, 1.0))
+    rotation_deg: Number = Field(10.0, ge=0.0, le=45.0)
+    scale: Number = Field(0.10, ge=0.0, le=0.5)
+    translate: Number = Field(0.06, ge=0.0, le=0.5)
+    brightness: Number = Field(0.10, ge=0.0, le=1.0)
+    contrast: Number = Field(0.10, ge=0.0, le=1.0)
 
 
-@dataclass(frozen=True)
-class TrainParams:
+class TrainParams(_Section):
     """One approach's training recipe (``train_custom``, ``train_extract``, ``train_finetune``)."""
 
-    epochs: int = field(default=10, metadata=_range(1, 10_000))
-    batch_size: int = field(default=32, metadata=_range(1, 4096))
-    optimizer: str = field(default="adamw", metadata=_choices(*OPTIMIZERS))
-    lr: float = field(default=1e-3, metadata=_range(0.0, 10.0, open_low=True))
-    weight_decay: float = field(default=0.0, metadata=_range(0.0, 10.0))
-    scheduler: str = field(default="onecycle", metadata=_choices(*SCHEDULERS))
-    patience: int = field(default=5, metadata=_range(0, 10_000))
-    label_smoothing: float = field(default=0.0, metadata=_range(0.0, 0.5))
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    optimizer: Optimizer = "adamw"
+    lr: Number = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: Number = Field(0.0, ge=0.0, le=10.0)
+    scheduler: Scheduler = "onecycle"
+    patience: int = Field(5, ge=0, le=10_000)
+    label_smoothing: Number = Field(0.0, ge=0.0, le=0.5)
     weights: str = "none"
-    width: int = field(default=32, metadata=_range(4, 512))
-    dropout: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    width: int = Field(32, ge=4, le=512)
+    dropout: Number = Field(0.2, ge=0.0, le=0.9)
     cache_embeddings: bool = True
-    ema_decay: float = field(default=0.0, metadata=_range(0.0, 0.999999))
-    augment: AugmentParams = field(default_factory=AugmentParams)
+    ema_decay: Number = Field(0.0, ge=0.0, le=0.999999)
+    augment: AugmentParams = AugmentParams()
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int = field(default=128, metadata=_range(1, 4096))
-    gradcam_per_class: int = field(default=3, metadata=_range(0, 50))
-    tta: list[str] = field(default_factory=lambda: ["custom"])  # approaches scored with test-time augmentation
+class EvaluateParams(_Section):
+    batch_size: int = Field(128, ge=1, le=4096)
+    gradcam_per_class: int = Field(3, ge=0, le=50)
+    tta: list[str] = ["custom"]  # approaches scored with test-time augmentation
 
 
-@dataclass(frozen=True)
-class CompareParams:
+class CompareParams(_Section):
     """Uncertainty and ensemble settings of the comparison."""
 
-    bootstrap_resamples: int = field(default=1000, metadata=_range(10, 100_000))
+    bootstrap_resamples: int = Field(1000, ge=10, le=100_000)
     bootstrap_seed: int = 42
-    alpha: float = field(default=0.05, metadata=_range(0.0, 0.5, open_low=True))
-    ensemble_weights: str = field(default="equal", metadata=_choices("equal", "val_f1"))
+    alpha: Number = Field(0.05, gt=0.0, le=0.5)
+    ensemble_weights: Literal["equal", "val_f1"] = "equal"
     temperature_scaling: bool = True
-    ece_bins: int = field(default=15, metadata=_range(2, 100))
+    ece_bins: int = Field(15, ge=2, le=100)
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(_Section):
     data: DataParams
     split: SplitParams
     audit: AuditParams
@@ -147,73 +148,50 @@ class Params:
         return getattr(self, REGISTRY[name].section)
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
+_TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
+               "bool_type": "true or false", "list_type": "a list of a string", "literal_error": "a string"}
+_BOUNDS = {"gt": ">", "ge": ">=", "le": "<="}
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check one value against its annotated type; ints are accepted where numbers are."""
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_type,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise PipelineError(f"params.yaml: {key} must be {_type_name(tp)}, got {value!r}")
-        return [_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads ``1e-3`` (no dot) as a string; users mean the number.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise PipelineError(f"params.yaml: {key} must be {_type_name(tp)}, got {value!r}")
-    return value
+def _walk(loc: tuple[str | int, ...]) -> tuple[Any, Any, tuple[tuple[int, str], ...]]:
+    """The model and field a pydantic error location points at, and its place in today's check order.
 
-
-def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
-    if "choices" in meta and value not in meta["choices"]:
-        raise PipelineError(f"params.yaml: {key} is {value!r}; allowed: {', '.join(meta['choices'])}")
-    low, high = meta.get("low"), meta.get("high")
-    # Written as "not inside" rather than "outside", so NaN (which compares false) is rejected.
-    too_low = low is not None and not (value > low if meta.get("open_low") else value >= low)
-    if too_low or (high is not None and not value <= high):
-        lower = f"> {low}" if meta.get("open_low") else f">= {low}"
-        raise PipelineError(f"params.yaml: {key} is {value!r}; allowed: {lower} and <= {high}")
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise PipelineError(f"params.yaml: {prefix or 'the file'} must be a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"in {prefix}" if prefix else "at the top level"
-        raise PipelineError(
-            f"params.yaml: unknown key {_join(prefix, unknown[0])}; allowed keys {where}: {', '.join(fields)}"
-        )
-    values = {}
-    for name, spec in fields.items():
-        key = _join(prefix, name)
-        if name not in raw:
-            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-                raise PipelineError(f"params.yaml: missing section {key}")
+    The place sorts a section's unknown keys (by name) before its fields (in declared order), so
+    the one error reported is the one the hand-written checks used to stop at.
+    """
+    model, field, place = Params, None, []
+    for part in loc:
+        if isinstance(part, int) or part not in model.model_fields:
+            place.append((part, "") if isinstance(part, int) else (-1, part))
             continue
-        value = _convert(raw[name], hints[name], key)
-        _check_bounds(value, spec.metadata, key)
-        values[name] = value
-    return cls(**values)
+        place.append((list(model.model_fields).index(part), ""))
+        field = model.model_fields[part]
+        model = field.annotation
+    return model, field, tuple(place)
+
+
+def _message(error: Any) -> str:
+    """One line naming the dotted key of a pydantic error and what it allows there."""
+    loc, kind, value = error["loc"], error["type"], error["input"]
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    model, field, _ = _walk(loc if kind != "extra_forbidden" else loc[:-1])
+    if kind == "extra_forbidden":
+        where = f"in {key.rpartition('.')[0]}" if len(loc) > 1 else "at the top level"
+        return f"unknown key {key}; allowed keys {where}: {', '.join(model.model_fields)}"
+    if kind == "missing":
+        return f"missing section {key}"
+    if kind == "model_type":
+        return f"{key or 'the file'} must be a mapping of keys, got {value!r}"
+    if kind == "literal_error" and isinstance(value, str):
+        return f"{key} is {value!r}; allowed: {', '.join(get_args(field.annotation))}"
+    if kind in _TYPE_NAMES:
+        return f"{key} must be {_TYPE_NAMES[kind]}, got {value!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than_equal"):
+        bounds = [f"{sign} {getattr(rule, name)}" for rule in field.metadata for name, sign in _BOUNDS.items()
+                  if hasattr(rule, name)]
+        value = float(value) if field.annotation is float else value  # an int given for a number shows as one
+        return f"{key} is {value!r}; allowed: {' and '.join(bounds)}"
+    return f"{key}: {error['msg']}"
 
 
 def _check_weights(section: str, weights: str) -> None:
@@ -226,7 +204,11 @@ def _check_weights(section: str, weights: str) -> None:
 
 def parse_params(raw: dict[str, Any]) -> Params:
     """Validate a params mapping (as read from YAML) and return typed params."""
-    params = _build(Params, raw, "")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        first = min(err.errors(), key=lambda error: _walk(error["loc"])[2])
+        raise PipelineError(f"params.yaml: {_message(first)}") from None
     if sorted(params.data.classes) != sorted(CLASSES) or len(params.data.classes) != len(CLASSES):
         raise PipelineError(f"params.yaml: data.classes must list exactly {', '.join(CLASSES)}")
     if params.train_custom.weights != "none":
@@ -251,8 +233,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw or {})
 
 
-def as_dict(params: Any) -> dict[str, Any]:
+def as_dict(params: BaseModel) -> dict[str, Any]:
     """Plain-dict copy of (a section of) params, for checkpoints and logs."""
-    return dataclasses.asdict(params)
-
-
+    return params.model_dump()

@@ -22,7 +22,7 @@ def _uniform(n: int, spread: float, generator: torch.Generator) -> torch.Tensor:
 def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``F.affine_grid(theta, (N, C, height, width), align_corners=False)``, by broadcasting.
 
-    The same sampling grid (up to float rounding), four times faster on a CPU: torch builds it
+    The same sampling grid (up to float rounding), built faster than torch does it: torch builds it
     with a batched matrix product over a homogeneous base grid, which cost more than the
     warp itself. Each row's offset is computed first, so the full-size grid is written once
     (one ``addcmul``) rather than through three full-size temporaries.

@@ -47,8 +47,8 @@ def reuse_freed_memory() -> bool:
 
     By default glibc maps every large block (over 32 MB, and any size it has not yet seen
     freed) afresh and unmaps it on free, so each training step page-faults its activations
-    in again: at 224 px on this 2-core CPU, 128,000 faults and a third of a frozen ResNet-18
-    step (448 → 284 ms). Without mmap and trimming, freed blocks are reused, as PyTorch's
+    in again, which can cost a third of a CPU step (see benchmarks/README.md). Without mmap
+    and trimming, freed blocks are reused, as PyTorch's
     caching allocator does on a GPU; the process keeps its peak memory until it exits.
     Returns False, changing nothing, where the C library is not glibc (macOS, musl). Cannot be
     undone for the process.
@@ -63,8 +63,8 @@ def reuse_freed_memory() -> bool:
 def configure_host(runtime: RuntimeParams) -> None:
     """Apply threads and host memory reuse from params: what evaluation shares with training.
 
-    Evaluation needs them as much as training does (a CPU evaluates a ResNet-18 at 224 px
-    1.7x faster with freed memory reused), but not the seeds or the autotuned kernels that
+    Evaluation needs them as much as training does (its activations are as large), but not
+    the seeds or the autotuned kernels that
     :func:`configure` adds.
     """
     if runtime.reuse_freed_memory and not reuse_freed_memory():
