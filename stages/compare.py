@@ -5,11 +5,12 @@ import pandas as pd
 from cxr import paths
 from cxr.approaches import APPROACHES, DISPLAY_NAMES, ENSEMBLE
 from cxr.console import run
-from cxr.files import atomic_write, write_json, write_text
+from cxr.files import atomic_write, read_json, write_json, write_text
 from cxr.params import load_params
 from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
-from cxr.reporting.figures import confusion_png, reliability_png, roc_pr_png
+from cxr.reporting.figures import confusion_png, reliability_png, roc_pr_png, write_curve_tables
 from cxr.reporting.scores import classification_metrics
+from cxr.reporting.shortcuts import shortcuts_markdown
 from cxr.reporting.tables import bar_chart, report_markdown, summary_markdown, summary_table
 
 
@@ -39,12 +40,13 @@ def main() -> None:
 
     table = summary_table(scores)
     summary = summary_markdown(table, reports, sentences, weights, classes, settings.bootstrap_resamples,
-                               params.evaluate.tta)
+                               params.evaluate.tta) + "\n" + shortcuts_markdown(read_json(paths.SHORTCUTS_JSON))
     write_text(paths.SUMMARY_MD, summary)
     atomic_write(paths.SUMMARY_CSV, lambda tmp: table.round(6).to_csv(tmp, index=False))
     bar_chart(table, paths.PLOTS / "compare.png")
     roc_pr_png(test, classes, paths.PLOTS / "roc_pr.png")
     reliability_png(test, classes, paths.PLOTS / "reliability.png", settings.ece_bins, calibrated or None)
+    write_curve_tables(test, classes, settings.ece_bins)
     confusion_png(test[ENSEMBLE], classes, f"{DISPLAY_NAMES[ENSEMBLE]}: test confusion matrix",
                   paths.evaluation_plots(ENSEMBLE) / "confusion.png")
     write_text(paths.REPORT, report_markdown(summary, APPROACHES))

@@ -34,7 +34,7 @@ OUTPUTS = {
     "models/custom.pt",
     "models/custom.resume.pt",
     "plots/custom/metrics.json",
-    *(f"plots/custom/plots/metrics/{split}/{metric}.tsv"
+    *(f"dvclive/custom/plots/metrics/{split}/{metric}.tsv"
       for split in ("train", "val") for metric in ("loss", "accuracy", "macro_f1")),
 }
 
@@ -82,7 +82,7 @@ def test_ddp_run_completes_and_rank_0_alone_logs_and_writes(runs):
     assert "DistributedDataParallel" not in single_log
     assert ddp_log.count(f"custom epoch {EPOCHS}/{EPOCHS}:") == 1 and ddp_log.count("best epoch") == 1
     assert written_files(ddp) == written_files(single) == OUTPUTS
-    curve = (ddp / "plots/custom/plots/metrics/val/macro_f1.tsv").read_text().splitlines()
+    curve = (ddp / "dvclive/custom/plots/metrics/val/macro_f1.tsv").read_text().splitlines()
     assert len(curve) == 1 + EPOCHS
     checkpoint = torch.load(ddp / "models/custom.pt", weights_only=True)
     resume = torch.load(ddp / "models/custom.resume.pt", weights_only=True)
@@ -111,7 +111,7 @@ def test_ddp_logged_validation_equals_one_process_scoring_the_saved_weights(runs
                       memory_format=torch.channels_last, progress=False)
     assert len(scored.labels) == len(val)
     assert scored.accuracy == checkpoint["val_accuracy"] and scored.macro_f1 == checkpoint["val_macro_f1"]
-    logged = (ddp / "plots/custom/plots/metrics/val/loss.tsv").read_text().splitlines()
+    logged = (ddp / "dvclive/custom/plots/metrics/val/loss.tsv").read_text().splitlines()
     step, logged_loss = logged[checkpoint["epoch"]].split("\t")
     assert int(step) == checkpoint["epoch"] - 1
     assert float(logged_loss) == pytest.approx(scored.loss, abs=LOSS_ROUNDING)

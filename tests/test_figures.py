@@ -1,14 +1,18 @@
-"""Tests for cxr.reporting.figures: valid and reproducible PNGs, well-formed curve tables, legend and title text."""
+"""Tests for cxr.reporting.figures and pngs: valid and reproducible PNGs, well-formed curve tables, legend and title text."""
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from cxr.errors import PipelineError
-from cxr.reporting import figures, stats
+from cxr.evaluation.saliency import gallery, select_examples
+from cxr.reporting import figures, pngs, stats
+from cxr.reporting.tables import bar_chart, summary_table
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -43,15 +47,36 @@ def calibrated_probs(frame: pd.DataFrame) -> np.ndarray:
     return stats.apply_temperature(logits, 2.0)
 
 
+def scores_table() -> pd.DataFrame:
+    metrics = {
+        "custom": {"accuracy": 0.81, "precision_macro": 0.78, "recall_macro": 0.76, "f1_macro": 0.77},
+        "finetune": {"accuracy": 0.93, "precision_macro": 0.91, "recall_macro": 0.92, "f1_macro": 0.915},
+    }
+    return summary_table(metrics)
+
+
+def draw_gallery(frame: pd.DataFrame, path: Path) -> None:
+    """The Grad-CAM gallery on fixed random images and heatmaps (the drawing, not the model, is under test)."""
+    examples = select_examples(frame, CLASSES, per_class=2)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(len(examples), 24, 24), dtype=np.uint8)
+    heatmaps = rng.random((len(examples), 24, 24), dtype=np.float32)
+    gallery(images, heatmaps, examples, CLASSES, "custom", path)
+
+
 def render_all(frames: dict[str, pd.DataFrame], folder: Path) -> dict[str, bytes]:
     outputs = {
         "confusion": folder / "confusion.png",
         "roc_pr": folder / "roc_pr.png",
         "reliability": folder / "nested" / "reliability.png",
+        "bar_chart": folder / "compare.png",
+        "gradcam": folder / "evaluate" / "custom" / "gradcam.png",
     }
     figures.confusion_png(frames["custom"], CLASSES, "Custom CNN", outputs["confusion"])
     figures.roc_pr_png(frames, CLASSES, outputs["roc_pr"])
     figures.reliability_png(frames, CLASSES, outputs["reliability"], calibrated={"custom": calibrated_probs(frames["custom"])})
+    bar_chart(scores_table(), outputs["bar_chart"])
+    draw_gallery(frames["custom"], outputs["gradcam"])
     return {name: path.read_bytes() for name, path in outputs.items()}
 
 
@@ -64,9 +89,46 @@ def test_every_figure_is_a_png_and_identical_when_rendered_twice(frames, tmp_pat
 
 
 def test_png_carries_no_matplotlib_version_or_date(frames, tmp_path):
-    content = render_all(frames, tmp_path)["confusion"]
+    rendered = render_all(frames, tmp_path)
+    content = rendered["confusion"]
     assert b"matplotlib" not in content.lower()
     assert b"Creation Time" not in content
+    for name, content in rendered.items():
+        assert b"matplotlib" not in content.lower(), name
+        assert b"Creation Time" not in content and b"tIME" not in content, name
+
+
+def test_every_png_has_no_text_chunks_and_leaves_no_temporary_file(frames, tmp_path):
+    render_all(frames, tmp_path)
+    written = sorted(tmp_path.rglob("*"))
+    assert [path.name for path in written if path.is_file() and not path.name.endswith(".png")] == []
+    for path in written:
+        if path.is_file():
+            with Image.open(path) as picture:
+                assert picture.format == "PNG" and "Software" not in picture.info and not picture.text, path
+
+
+def test_png_figure_closes_the_figure_and_writes_nothing_when_drawing_fails(tmp_path):
+    open_before = plt.get_fignums()
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        with pngs.png_figure(tmp_path / "sub" / "f.png", 100) as (_, axes):
+            axes[0, 0].plot([0, 1], [0, 1])
+            raise RuntimeError("drawing failed")
+    assert plt.get_fignums() == open_before
+    assert not (tmp_path / "sub" / "f.png").exists()
+
+
+def test_save_png_closes_the_figure_even_when_writing_fails(tmp_path, monkeypatch):
+    figure = plt.figure()
+
+    def broken_savefig(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        pngs.save_png(figure, tmp_path / "f.png", 100)
+    assert figure.number not in plt.get_fignums()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_confusion_counts_put_true_class_on_rows():
@@ -129,6 +191,63 @@ def test_legend_labels_quote_the_stats_auc(frames):
     assert roc_label == f"finetune (AUC {aucs['PNEUMONIA']:.3f})"
     assert pr_label.startswith("finetune (AP 0.")
     assert list(labels) == CLASSES and list(labels["COVID19"]) == ["custom", "finetune"]
+
+
+def drawn_panels(monkeypatch) -> list[dict[str, object]]:
+    """Capture the axes of the next PNG drawn (title, legend, lines) instead of writing it."""
+    panels: list[dict[str, object]] = []
+
+    def capture(figure, path, dpi):
+        for ax in figure.axes:
+            legend = ax.get_legend()
+            panels.append({
+                "title": ax.get_title(),
+                "legend": [text.get_text() for text in legend.get_texts()] if legend else [],
+                "limits": (ax.get_xlim(), ax.get_ylim()),
+                "lines": len(ax.get_lines()),
+            })
+        plt.close(figure)
+
+    monkeypatch.setattr(pngs, "save_png", capture)
+    return panels
+
+
+def test_roc_pr_png_legend_quotes_curve_legend_labels_one_row_per_class(frames, tmp_path, monkeypatch):
+    panels = drawn_panels(monkeypatch)
+    figures.roc_pr_png(frames, CLASSES, tmp_path / "roc_pr.png")
+    labels = figures.curve_legend_labels(frames, CLASSES)
+    assert [panel["title"] for panel in panels] == [
+        title for name in CLASSES for title in (f"{name} vs rest: ROC", f"{name} vs rest: precision-recall")
+    ]
+    for row, name in enumerate(CLASSES):
+        roc_panel, pr_panel = panels[2 * row], panels[2 * row + 1]
+        assert roc_panel["legend"] == [labels[name][model][0] for model in frames]
+        assert pr_panel["legend"] == [labels[name][model][1] for model in frames]
+        assert roc_panel["lines"] == pr_panel["lines"] == len(frames) + 1  # one per model and the chance line
+        assert roc_panel["limits"] == pr_panel["limits"] == ((-0.01, 1.01), (-0.01, 1.01))
+
+
+def test_roc_pr_png_leaves_out_a_class_with_no_positives(frames, tmp_path, monkeypatch):
+    panels = drawn_panels(monkeypatch)
+    without_covid = {model: frame[frame["label"] != "COVID19"] for model, frame in frames.items()}
+    figures.roc_pr_png(without_covid, CLASSES, tmp_path / "roc_pr.png")
+    assert [panel["title"] for panel in panels][::2] == ["NORMAL vs rest: ROC", "PNEUMONIA vs rest: ROC"]
+    assert all(panel["legend"] and "n/a" not in " ".join(panel["legend"]) for panel in panels)
+
+
+def test_calibration_table_lists_the_non_empty_reliability_bins(frames):
+    table = figures.calibration_table(frames, CLASSES, n_bins=10)
+    assert list(table.columns) == ["model", "confidence", "accuracy", "count"]
+    assert list(table["model"].unique()) == list(frames)
+    for model, frame in frames.items():
+        probs = frame[[f"prob_{name}" for name in CLASSES]].to_numpy()
+        bins = stats.reliability_bins(probs, stats.encode_labels(frame["label"], CLASSES), 10)
+        filled = bins["count"] > 0
+        rows = table[table["model"] == model]
+        assert rows["count"].tolist() == bins["count"][filled].tolist()
+        assert rows["count"].sum() == len(frame)
+        assert np.allclose(rows["confidence"], bins["confidence"][filled], atol=1e-5)
+        assert np.allclose(rows["accuracy"], bins["accuracy"][filled], atol=1e-5)
 
 
 def test_legend_labels_mark_an_unscorable_class(frames):

@@ -65,6 +65,7 @@ def make_project(tmp_path: Path, source: Path, image_size: int, epochs: int) -> 
         if approach != "custom":
             section["weights"] = "none"
     params["train_custom"]["width"] = 8
+    params["shortcuts"]["probe_epochs"] = epochs
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(project, "git", "init", "-q")
     sh(project, "git", "add", "-A")
@@ -80,15 +81,28 @@ def check_outputs(project: Path) -> None:
     """Every declared output exists and the table agrees with metrics recomputed from predictions."""
     for path in ("data/raw/train", "data/split/val.csv", "data/audited/test.csv", "data/processed/test.npy",
                  "metrics/data.json", "reports/skipped_images.csv", "reports/duplicates.csv", "metrics/summary.md",
-                 "metrics/summary.json", "reports/report.md", "plots/compare.png", "plots/roc_pr.png",
+                 "metrics/summary.json", "reports/report.md", "metrics/shortcuts.json", "plots/shortcuts.png", "plots/compare.png", "plots/roc_pr.png",
                  "plots/reliability.png", "plots/evaluate/ensemble/confusion.png"):
         assert (project / path).exists(), path
     for approach in APPROACHES:
         assert (project / "models" / f"{approach}.pt").is_file()
-        assert (project / "plots" / approach / "plots" / "metrics" / "val" / "macro_f1.tsv").is_file()
+        assert (project / "dvclive" / approach / "plots" / "metrics" / "val" / "macro_f1.tsv").is_file()
         for figure in ("confusion.png", "gradcam.png"):
             assert (project / "plots" / "evaluate" / approach / figure).is_file()
         assert (project / "reports" / "misclassified" / f"{approach}.csv").is_file()
+    for model in MODELS:  # the CSVs behind the top-level roc_*, pr_* and calibration plots of dvc.yaml
+        curves = [(f"plots/curves/calibration/{model}.csv", ["model", "confidence", "accuracy", "count"])]
+        for name in CLASSES:
+            curves += [(f"plots/curves/roc/{name}/{model}.csv", ["model", "class", "fpr", "tpr"]),
+                       (f"plots/curves/pr/{name}/{model}.csv", ["model", "class", "recall", "precision"])]
+        for path, columns in curves:
+            table = pd.read_csv(project / path)
+            assert list(table.columns) == columns and len(table) > 0, path
+            assert set(table["model"]) == {model}, path
+    declared = [spec for entry in yaml.safe_load((project / "dvc.yaml").read_text())["plots"] if isinstance(entry, dict)
+                for spec in entry.values() if isinstance(spec, dict) and isinstance(spec.get("y"), dict)]
+    curve_files = [path for spec in declared for path in spec["y"] if path.startswith("plots/curves/")]
+    assert len(curve_files) == 7 * len(MODELS) and all((project / path).is_file() for path in curve_files)
     summary = pd.read_csv(project / "metrics" / "summary.csv")
     assert len(summary) == len(MODELS)
     for row, model in zip(summary.itertuples(index=False), MODELS):
@@ -108,7 +122,7 @@ def test_dvc_repro_builds_everything_reproducibly_then_reruns_only_what_changed(
     first = sh(project, "dvc", "repro")
     assert ran_stages(first) == {
         "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
-        "evaluate@custom", "evaluate@extract", "evaluate@finetune", "compare",
+        "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "compare",
     }
     check_outputs(project)
     assert "F1-Score (Macro)" in first
@@ -125,7 +139,8 @@ def test_dvc_repro_builds_everything_reproducibly_then_reruns_only_what_changed(
 
     rerun = sh(project, "dvc", "exp", "run", "-S", "train_custom.epochs=2")
     # compare reruns only if the custom model's scores changed; nothing else may rerun.
-    assert {"train_custom", "evaluate@custom"} <= ran_stages(rerun) <= {"train_custom", "evaluate@custom", "compare"}
+    assert {"train_custom", "evaluate@custom", "train_probe"} <= ran_stages(rerun) <= {
+        "train_custom", "evaluate@custom", "train_probe", "shortcuts", "compare"}
     check_outputs(project)
     assert "metrics/custom.json" in sh(project, "dvc", "metrics", "diff", "--all")
     sh(project, "dvc", "plots", "show", "-o", str(tmp_path / "plots_html"))

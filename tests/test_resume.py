@@ -44,7 +44,7 @@ def project(tmp_path_factory):
 
 def outcome(project: Path, approach: str) -> dict:
     """What an uninterrupted run and a resumed one must share: checkpoint and learning curves."""
-    curves = project / "plots" / approach
+    curves = project / "dvclive" / approach
     return {
         "checkpoint": torch.load(project / "models" / f"{approach}.pt", weights_only=True),
         "curves": {str(p.relative_to(curves)): p.read_text() for p in sorted(curves.rglob("*")) if p.is_file()},

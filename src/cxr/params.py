@@ -120,6 +120,16 @@ class EvaluateParams(_Section):
     tta: list[str] = ["custom"]  # approaches scored with test-time augmentation
 
 
+class ShortcutsParams(_Section):
+    """The shortcut audit: does each model read the lung fields, or the film around them?"""
+
+    center_fraction: Number = Field(0.6, gt=0.0, lt=1.0)
+    probe_epochs: int = Field(10, ge=1, le=10_000)
+    cam_per_class: int = Field(50, ge=1, le=100_000)
+    flag_share: Number = Field(0.5, gt=0.0, le=1.0)
+    probe_margin: Number = Field(0.1, ge=0.0, le=1.0)
+
+
 class CompareParams(_Section):
     """Uncertainty and ensemble settings of the comparison."""
 
@@ -141,6 +151,7 @@ class Params(_Section):
     train_extract: TrainParams
     train_finetune: TrainParams
     evaluate: EvaluateParams
+    shortcuts: ShortcutsParams
     compare: CompareParams
 
     def approach(self, name: str) -> TrainParams:
@@ -150,7 +161,7 @@ class Params(_Section):
 
 _TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
                "bool_type": "true or false", "list_type": "a list of a string", "literal_error": "a string"}
-_BOUNDS = {"gt": ">", "ge": ">=", "le": "<="}
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
 def _walk(loc: tuple[str | int, ...]) -> tuple[Any, Any, tuple[tuple[int, str], ...]]:
@@ -186,7 +197,7 @@ def _message(error: Any) -> str:
         return f"{key} is {value!r}; allowed: {', '.join(get_args(field.annotation))}"
     if kind in _TYPE_NAMES:
         return f"{key} must be {_TYPE_NAMES[kind]}, got {value!r}"
-    if kind in ("greater_than", "greater_than_equal", "less_than_equal"):
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         bounds = [f"{sign} {getattr(rule, name)}" for rule in field.metadata for name, sign in _BOUNDS.items()
                   if hasattr(rule, name)]
         value = float(value) if field.annotation is float else value  # an int given for a number shows as one

@@ -13,6 +13,10 @@ METRICS = Path("metrics")
 PREDICTIONS = METRICS / "predictions"
 VAL_PREDICTIONS = Path("data/val_predictions")
 PLOTS = Path("plots")
+# ROC, PR and calibration points as CSV for `dvc plots show/diff`: one file per curve, since a DVC
+# plot definition cannot split one file's rows into lines (one line per model and class).
+CURVES = PLOTS / "curves"
+LIVE = Path("dvclive")
 REPORTS = Path("reports")
 DATA_METRICS = METRICS / "data.json"
 SKIPPED_REPORT = REPORTS / "skipped_images.csv"
@@ -20,6 +24,9 @@ REPORT = REPORTS / "report.md"
 SUMMARY_MD = METRICS / "summary.md"
 SUMMARY_CSV = METRICS / "summary.csv"
 SUMMARY_JSON = METRICS / "summary.json"
+SHORTCUTS_JSON = METRICS / "shortcuts.json"
+PROBE_DATA = Path("data/probe")
+PROBE_MODEL = MODELS / "probe.pt"
 
 
 def model_file(approach: str) -> Path:
@@ -31,7 +38,8 @@ def resume_file(approach: str) -> Path:
 
 
 def live_dir(approach: str) -> Path:
-    return PLOTS / approach
+    """DVCLive's folder for one approach's learning curves (it adds ``plots/metrics/`` inside)."""
+    return LIVE / approach
 
 
 def metrics_file(approach: str) -> Path:
@@ -52,3 +60,15 @@ def evaluation_plots(model: str) -> Path:
 
 def misclassified_file(model: str) -> Path:
     return REPORTS / "misclassified" / f"{model}.csv"
+
+
+def roc_curve_file(class_name: str, model: str) -> Path:
+    return CURVES / "roc" / class_name / f"{model}.csv"
+
+
+def pr_curve_file(class_name: str, model: str) -> Path:
+    return CURVES / "pr" / class_name / f"{model}.csv"
+
+
+def calibration_file(model: str) -> Path:
+    return CURVES / "calibration" / f"{model}.csv"

@@ -11,21 +11,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from pytorch_grad_cam import GradCAM  # noqa: E402
-from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-from torch import nn  # noqa: E402
-
-from cxr.errors import PipelineError  # noqa: E402
-from cxr.evaluation.predictions import PROB_PREFIX  # noqa: E402
-from cxr.training.models import Classifier  # noqa: E402
+from cxr.errors import PipelineError
+from cxr.evaluation.predictions import PROB_PREFIX
+from cxr.reporting.pngs import png_figure
+from cxr.training.models import Classifier
 
 OUTCOMES = ("correct", "wrong")
 TILE_INCHES = 1.6
@@ -196,10 +193,8 @@ def gallery(
         )
     slots, width = _slots(examples, classes)
     rows, columns = max(1, len(classes)), 2 * width
-    figure, axes = plt.subplots(
-        rows, columns, figsize=(columns * TILE_INCHES, rows * TILE_INCHES + 0.6), squeeze=False
-    )
-    try:
+    size = (columns * TILE_INCHES, rows * TILE_INCHES + 0.6)
+    with png_figure(path, GALLERY_DPI, rows, columns, figsize=size) as (figure, axes):
         for (row, column), ax in np.ndenumerate(axes):
             ax.axis("off")
             position = slots.get((row, column))
@@ -212,11 +207,6 @@ def gallery(
             axes[row, 0].text(-0.08, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, ha="right", va="center")
         figure.suptitle(f"{title}\nper true class: {width} correct (left), {width} wrong (right)", fontsize=9)
         figure.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=GALLERY_DPI)
-    finally:
-        plt.close(figure)
 
 
 def misclassified(frame: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:

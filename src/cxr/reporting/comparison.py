@@ -42,7 +42,8 @@ def ensemble_frame(frames: Mapping[str, pd.DataFrame], classes: Sequence[str], w
     return predictions_frame(reference["path"], labels, probabilities, classes)
 
 
-def _interval(y_true: np.ndarray, y_pred: np.ndarray, metric: stats.Metric, resamples: int, seed: int) -> dict[str, float]:
+def interval(y_true: np.ndarray, y_pred: np.ndarray, metric: stats.Metric, resamples: int, seed: int) -> dict[str, float]:
+    """A score with its 95% stratified-bootstrap interval, rounded for the metrics files."""
     point, low, high = stats.bootstrap_ci(y_true, y_pred, metric, n_resamples=resamples, seed=seed)
     return {"value": round(point, 6), "ci_low": round(low, 6), "ci_high": round(high, 6)}
 
@@ -56,12 +57,12 @@ def model_report(
     y_pred = stats.encode_labels(frame["predicted"], classes)
     probabilities = probabilities_of(frame, classes)
     return {
-        "accuracy": _interval(y_true, y_pred, stats.accuracy, resamples, seed),
-        "f1_macro": _interval(y_true, y_pred, stats.macro_f1, resamples, seed),
+        "accuracy": interval(y_true, y_pred, stats.accuracy, resamples, seed),
+        "f1_macro": interval(y_true, y_pred, stats.macro_f1, resamples, seed),
         "per_class": {
             name: {
-                "sensitivity": _interval(y_true, y_pred, stats.class_recall(i), resamples, seed),
-                "ppv": _interval(y_true, y_pred, stats.class_precision(i), resamples, seed),
+                "sensitivity": interval(y_true, y_pred, stats.class_recall(i), resamples, seed),
+                "ppv": interval(y_true, y_pred, stats.class_precision(i), resamples, seed),
             }
             for i, name in enumerate(classes)
         },

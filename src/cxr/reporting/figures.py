@@ -6,67 +6,66 @@ reliability diagram shows whether a model's stated confidence can be trusted.
 
 Every function takes predictions tables (columns ``path, label, predicted, prob_<class>...``
 as written by the evaluate stage). PNGs are rendered with matplotlib's Agg backend at a
-fixed dpi and without the software/date metadata, so the same predictions give
-byte-identical files and DVC does not see a change where there is none. The curve tables
-are long-format frames that the caller writes as CSV for ``dvc plots show``.
+fixed dpi and written by :mod:`cxr.reporting.pngs`, so the same predictions give
+byte-identical files and DVC does not see a change where there is none. ROC and PR curves
+are drawn by scikit-learn's displays, the tested implementation, rather than by hand. The
+curve and calibration tables are long-format frames that the caller writes as CSV for
+``dvc plots show`` and ``dvc plots diff``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (backend must be chosen first)
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_curve  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    PrecisionRecallDisplay,
+    RocCurveDisplay,
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_curve,
+)
 
+from cxr import paths  # noqa: E402
 from cxr.errors import PipelineError  # noqa: E402
 from cxr.evaluation.predictions import probabilities_of  # noqa: E402
+from cxr.files import atomic_write  # noqa: E402
+from cxr.reporting.pngs import png_figure  # noqa: E402
 from cxr.reporting.stats import encode_labels, expected_calibration_error, reliability_bins, roc_auc_per_class  # noqa: E402
 
 DPI = 100
 CURVE_DECIMALS = 5
 ROC_COLUMNS = ["model", "class", "fpr", "tpr"]
 PR_COLUMNS = ["model", "class", "recall", "precision"]
-# PNG text chunks matplotlib would add; "Software" carries the matplotlib version.
-_PNG_METADATA = {"Software": None}
+CALIBRATION_COLUMNS = ["model", "confidence", "accuracy", "count"]
 
 
 def _true_indices(frame: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     return encode_labels(frame["label"].tolist(), classes)
 
 
+def _scored(frames: Mapping[str, pd.DataFrame], classes: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(true class indices, probabilities) per model: the checked, decoded form every figure and table works on."""
+    return {model: (_true_indices(frame, classes), probabilities_of(frame, classes)) for model, frame in frames.items()}
+
+
+def _has_curve(is_class: np.ndarray) -> bool:
+    """Both positives and negatives: a one-vs-rest curve (and its AUC or AP) is undefined otherwise."""
+    return bool(is_class.any() and not is_class.all())
+
+
 def _defined_classes(y_true: np.ndarray, classes: Sequence[str]) -> Iterator[tuple[int, str]]:
-    """Classes with both positives and negatives: one-vs-rest curves are undefined for the others."""
+    """The classes of a table that have a one-vs-rest curve, with their indices."""
     for index, name in enumerate(classes):
-        is_class = y_true == index
-        if is_class.any() and not is_class.all():
+        if _has_curve(y_true == index):
             yield index, name
-
-
-# ---------------------------------------------------------------------------------------
-# Saving figures
-# ---------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _figure(path: Path, n_rows: int, n_cols: int, size: tuple[float, float]) -> Iterator[tuple[Figure, np.ndarray]]:
-    """A figure whose axes grid is always 2-D; saved to ``path`` and closed on exit, closed even on error."""
-    figure, axes = plt.subplots(n_rows, n_cols, figsize=size, squeeze=False, layout="constrained")
-    try:
-        yield figure, axes
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=DPI, format="png", metadata=_PNG_METADATA)
-    finally:
-        plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ def confusion_png(frame: pd.DataFrame, classes: Sequence[str], title: str, path:
     counts = confusion_counts(frame, classes)
     fractions = _row_fractions(counts)
     side = 1.4 * len(classes) + 2.0
-    with _figure(path, 1, 1, (side, side * 0.85)) as (figure, axes):
+    with png_figure(path, DPI, figsize=(side, side * 0.85), layout="constrained") as (figure, axes):
         ax = axes[0, 0]
         image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
         for i, j in np.ndindex(counts.shape):
@@ -138,7 +137,7 @@ def _concat_rounded(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFra
     if not parts:
         return pd.DataFrame(columns=columns)
     table = pd.concat(parts, ignore_index=True)[columns]
-    return table.round({column: CURVE_DECIMALS for column in columns[2:]})
+    return table.round({column: CURVE_DECIMALS for column in columns if table[column].dtype.kind == "f"})
 
 
 def roc_pr_curves(frames: Mapping[str, pd.DataFrame], classes: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -170,13 +169,11 @@ def curve_legend_labels(frames: Mapping[str, pd.DataFrame], classes: Sequence[st
     number as the metrics files; "n/a" marks a class the table cannot score.
     """
     labels: dict[str, dict[str, tuple[str, str]]] = {name: {} for name in classes}
-    for model, frame in frames.items():
-        probs = probabilities_of(frame, classes)
-        y_true = _true_indices(frame, classes)
+    for model, (y_true, probs) in _scored(frames, classes).items():
         aucs = roc_auc_per_class(y_true, probs, classes)
         for index, name in enumerate(classes):
             is_class = y_true == index
-            defined = is_class.any() and not is_class.all()
+            defined = _has_curve(is_class)
             average_precision = float(average_precision_score(is_class, probs[:, index])) if defined else float("nan")
             labels[name][model] = (
                 f"{model} (AUC {_format_score(aucs[name])})",
@@ -186,6 +183,8 @@ def curve_legend_labels(frames: Mapping[str, pd.DataFrame], classes: Sequence[st
 
 
 def _style_roc_axes(ax: Axes, class_name: str) -> None:
+    """Chance diagonal, limits, labels; the panel fills its grid cell (scikit-learn makes it square)."""
+    ax.set_aspect("auto")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
@@ -196,6 +195,8 @@ def _style_roc_axes(ax: Axes, class_name: str) -> None:
 
 
 def _style_pr_axes(ax: Axes, class_name: str, prevalence: float) -> None:
+    """Chance line at the class prevalence, limits, labels; the panel fills its grid cell."""
+    ax.set_aspect("auto")
     ax.axhline(prevalence, color="grey", linestyle=":", linewidth=1)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
@@ -205,27 +206,49 @@ def _style_pr_axes(ax: Axes, class_name: str, prevalence: float) -> None:
     ax.legend(loc="lower left", fontsize="small")
 
 
+def _draw_class_curves(
+    roc_ax: Axes, pr_ax: Axes, scored: Mapping[str, tuple[np.ndarray, np.ndarray]], index: int,
+    labels: Mapping[str, tuple[str, str]],
+) -> None:
+    """One model per colour, drawn by scikit-learn; a model whose table cannot score this class is skipped.
+
+    The label is passed in full so the legend quotes :func:`curve_legend_labels` (the metrics
+    files' AUC, 3 decimals) instead of scikit-learn's own "(AUC = 0.xx)" suffix.
+    """
+    for color_index, (model, (y_true, probs)) in enumerate(scored.items()):
+        is_class = y_true == index
+        if not _has_curve(is_class):
+            continue
+        roc_label, pr_label = labels[model]
+        color = f"C{color_index}"
+        RocCurveDisplay.from_predictions(is_class, probs[:, index], pos_label=True, ax=roc_ax,
+                                         curve_kwargs={"color": color, "label": roc_label})
+        PrecisionRecallDisplay.from_predictions(is_class, probs[:, index], pos_label=True, ax=pr_ax,
+                                                curve_kwargs={"color": color, "label": pr_label})
+
+
 def roc_pr_png(frames: Mapping[str, pd.DataFrame], classes: Sequence[str], path: Path) -> None:
     """One row per class, ROC on the left and precision-recall on the right, one line per model.
 
     The legend gives each model's AUC (ROC) or average precision (PR); the dotted line is
-    chance (the diagonal for ROC, the class prevalence of the first table for PR).
+    chance (the diagonal for ROC, the class prevalence of the first table for PR). A class
+    no table can score (no positives or no negatives) gets no row; if that is every class,
+    there is nothing to draw and it is an error.
     """
-    roc, pr = roc_pr_curves(frames, classes)
     labels = curve_legend_labels(frames, classes)
-    first_frame = next(iter(frames.values()))
-    with _figure(path, len(classes), 2, (11.0, 4.2 * len(classes))) as (_, axes):
-        for row, name in enumerate(classes):
-            roc_ax, pr_ax = axes[row]
-            for color_index, model in enumerate(frames):
-                color = f"C{color_index}"
-                roc_label, pr_label = labels[name][model]
-                roc_rows = roc[(roc["model"] == model) & (roc["class"] == name)]
-                pr_rows = pr[(pr["model"] == model) & (pr["class"] == name)]
-                roc_ax.plot(roc_rows["fpr"], roc_rows["tpr"], color=color, label=roc_label)
-                pr_ax.step(pr_rows["recall"], pr_rows["precision"], where="post", color=color, label=pr_label)
+    scored = _scored(frames, classes)
+    rows = [
+        (index, name) for index, name in enumerate(classes)
+        if any(_has_curve(y_true == index) for y_true, _ in scored.values())
+    ]
+    if not rows:
+        raise PipelineError(f"no class in {list(classes)} has both positives and negatives in any predictions table")
+    first_true = next(iter(scored.values()))[0]
+    with png_figure(path, DPI, len(rows), 2, figsize=(11.0, 4.2 * len(rows)), layout="constrained") as (_, axes):
+        for (roc_ax, pr_ax), (index, name) in zip(axes, rows):
+            _draw_class_curves(roc_ax, pr_ax, scored, index, labels[name])
             _style_roc_axes(roc_ax, name)
-            _style_pr_axes(pr_ax, name, float((first_frame["label"] == name).mean()))
+            _style_pr_axes(pr_ax, name, float((first_true == index).mean()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,6 +261,27 @@ def reliability_title(model: str, ece: float, calibrated_ece: float | None = Non
     if calibrated_ece is None:
         return f"{model}: ECE {ece:.3f}"
     return f"{model}: ECE {ece:.3f} → {calibrated_ece:.3f}"
+
+
+def calibration_table(frames: Mapping[str, pd.DataFrame], classes: Sequence[str], n_bins: int = 15) -> pd.DataFrame:
+    """Long-format reliability bins (``model, confidence, accuracy, count``) for ``dvc plots``.
+
+    One row per non-empty bin of :func:`cxr.reporting.stats.reliability_bins`, in input
+    order and bin order: the points of the reliability diagram, so experiments can be
+    compared with ``dvc plots diff``. Confidence and accuracy are rounded to 5 decimals
+    so the CSV diffs cleanly.
+    """
+    parts = []
+    for model, (y_true, probs) in _scored(frames, classes).items():
+        bins = reliability_bins(probs, y_true, n_bins)
+        filled = bins["count"] > 0
+        parts.append(pd.DataFrame({
+            "model": model,
+            "confidence": bins["confidence"][filled],
+            "accuracy": bins["accuracy"][filled],
+            "count": bins["count"][filled],
+        }))
+    return _concat_rounded(parts, CALIBRATION_COLUMNS)
 
 
 def _plot_reliability(ax: Axes, probs: np.ndarray, y_true: np.ndarray, n_bins: int, label: str, color: str) -> None:
@@ -271,7 +315,7 @@ def reliability_png(
     unknown = sorted(set(calibrated) - set(frames))
     if unknown:
         raise ValueError(f"calibrated probabilities for unknown model(s) {unknown}; models are {list(frames)}")
-    with _figure(path, 1, len(frames), (4.2 * len(frames), 4.4)) as (_, axes):
+    with png_figure(path, DPI, 1, len(frames), figsize=(4.2 * len(frames), 4.4), layout="constrained") as (_, axes):
         for ax, (model, frame) in zip(axes[0], frames.items()):
             probs = probabilities_of(frame, classes)
             y_true = _true_indices(frame, classes)
@@ -288,3 +332,24 @@ def reliability_png(
             ax.set_xlabel("mean confidence in bin")
             ax.set_ylabel("accuracy in bin")
             ax.legend(loc="upper left", fontsize="small")
+
+
+def write_curve_tables(test: Mapping[str, pd.DataFrame], classes: Sequence[str], n_bins: int) -> None:
+    """ROC, PR and reliability points as CSVs under ``plots/curves/``, for ``dvc plots show`` and ``diff``.
+
+    One file per line to draw (ROC and PR per class and model, calibration per model), since
+    a DVC plot definition draws a file as one line and cannot split it by a column. Every file
+    is written, header-only where a class has no curve, so the set ``dvc.yaml`` lists is complete.
+    PR rows are written in increasing recall: a Vega line joins points in x order (ties kept in
+    file order), so that order traces the curve, where scikit-learn's falling recall would zigzag.
+    """
+    roc, pr = roc_pr_curves(test, classes)
+    calibration = calibration_table(test, classes, n_bins)
+    tables = {}
+    for model in test:
+        tables[paths.calibration_file(model)] = calibration[calibration["model"] == model]
+        for name in classes:
+            tables[paths.roc_curve_file(name, model)] = roc[(roc["model"] == model) & (roc["class"] == name)]
+            tables[paths.pr_curve_file(name, model)] = pr[(pr["model"] == model) & (pr["class"] == name)].iloc[::-1]
+    for path, table in tables.items():
+        atomic_write(path, lambda tmp, table=table: table.to_csv(tmp, index=False))

@@ -6,14 +6,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-import pandas as pd  # noqa: E402
+from cxr.approaches import DISPLAY_NAMES
+from cxr.reporting.pngs import png_figure
 
-from cxr.approaches import DISPLAY_NAMES  # noqa: E402
-
+BAR_CHART_DPI = 120
 COLUMNS = {
     "accuracy": "Accuracy",
     "precision_macro": "Precision (Macro)",
@@ -46,19 +44,17 @@ def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
 
 
 def bar_chart(table: pd.DataFrame, path: Path) -> None:
-    """Grouped bars: one group per score, one bar per model."""
+    """Grouped bars: one group per score, one bar per model (a reproducible PNG, see :mod:`cxr.reporting.pngs`)."""
     scores = table.set_index("Model")[list(COLUMNS.values())].T
-    axes = scores.plot.bar(figsize=(9, 4.5), rot=0, width=0.8)
-    low = max(0.0, float(scores.min().min()) - 0.05)
-    axes.set_ylim(low, 1.0)
-    axes.set_ylabel("score on the test split")
-    axes.set_title("Chest X-ray classification: test-set comparison")
-    axes.legend(loc="lower right", fontsize="small")
-    axes.grid(axis="y", alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    axes.figure.tight_layout()
-    axes.figure.savefig(path, dpi=120)
-    plt.close(axes.figure)
+    with png_figure(path, BAR_CHART_DPI, figsize=(9, 4.5)) as (figure, axes):
+        ax = scores.plot.bar(ax=axes[0, 0], rot=0, width=0.8)
+        low = max(0.0, float(scores.min().min()) - 0.05)
+        ax.set_ylim(low, 1.0)
+        ax.set_ylabel("score on the test split")
+        ax.set_title("Chest X-ray classification: test-set comparison")
+        ax.legend(loc="lower right", fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+        figure.tight_layout()
 
 
 def _ci(entry: Mapping[str, float]) -> str:
@@ -143,6 +139,8 @@ def report_markdown(summary: str, approaches: Sequence[str]) -> str:
         "![ROC and precision-recall curves](../plots/roc_pr.png)",
         "",
         "![reliability diagrams](../plots/reliability.png)",
+        "",
+        "![shortcut audit](../plots/shortcuts.png)",
         "",
         "![ensemble confusion matrix](../plots/evaluate/ensemble/confusion.png)",
         "",

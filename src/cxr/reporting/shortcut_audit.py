@@ -1,0 +1,52 @@
+"""Run the shortcut audit on trained models: every view of the test split, Grad-CAM mass, the border probe.
+
+Kept apart from :mod:`cxr.reporting.shortcuts` (verdicts, table, figure) so the compare stage
+reads the audit's results without importing torch or the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from cxr.evaluation.occlusion import VIEWS, cam_inside_center, chance_scores, occluded, per_class_sample
+from cxr.params import ShortcutsParams
+from cxr.reporting.shortcuts import PROBE, mean_interval, model_verdict, probe_verdict, view_scores
+
+Scorer = Callable[[nn.Module, np.ndarray], np.ndarray]
+"""Class probabilities (N, classes) of a model for uint8 images (N, H, W)."""
+
+
+def shortcut_audit(models: Mapping[str, tuple[nn.Module, nn.Module]], probe: nn.Module, images: np.ndarray,
+                   labels: np.ndarray, classes: list[str], fill: int, settings: ShortcutsParams, score: Scorer,
+                   resamples: int, seed: int) -> dict[str, Any]:
+    """The whole audit of ``models`` ({name: (module scored as evaluated, its plain classifier for Grad-CAM)}).
+
+    Each model scores the test images in every view; Grad-CAM runs on ``settings.cam_per_class``
+    images per class; the probe scores the view it was trained on (lungs hidden).
+    """
+    chance = chance_scores(labels, len(classes))
+    views = {view: occluded(images, view, settings.center_fraction, fill) for view in VIEWS}
+    sample = per_class_sample(labels, settings.cam_per_class, seed)
+    audited = {}
+    for name, (scored, classifier) in models.items():
+        entry = {view: view_scores(labels, score(scored, views[view]), resamples, seed) for view in VIEWS}
+        shares = cam_inside_center(classifier, images[sample], settings.center_fraction)
+        entry["cam_inside_center"] = {
+            "all": mean_interval(shares),
+            "per_class": {label: mean_interval(shares[labels[sample] == i]) for i, label in enumerate(classes)},
+        }
+        audited[name] = model_verdict(entry, chance["accuracy"], settings.flag_share)
+    probe_entry = {"center_hidden": view_scores(labels, score(probe, views["center_hidden"]), resamples, seed)}
+    return {
+        "center_fraction": settings.center_fraction,
+        "flag_share": settings.flag_share,
+        "probe_margin": settings.probe_margin,
+        "fill": fill,
+        "chance": chance,
+        "models": audited,
+        PROBE: probe_verdict(probe_entry, chance["accuracy"], settings.probe_margin),
+    }
