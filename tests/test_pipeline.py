@@ -81,7 +81,8 @@ def check_outputs(project: Path) -> None:
     """Every declared output exists and the table agrees with metrics recomputed from predictions."""
     for path in ("data/raw/train", "data/split/val.csv", "data/audited/test.csv", "data/processed/test.npy",
                  "metrics/data.json", "reports/skipped_images.csv", "reports/duplicates.csv", "metrics/summary.md",
-                 "metrics/summary.json", "reports/report.md", "metrics/shortcuts.json", "plots/shortcuts.png", "plots/compare.png", "plots/roc_pr.png",
+                 "metrics/summary.json", "reports/report.md", "metrics/shortcuts.json", "plots/shortcuts.png",
+                 "plots/compare.png", "plots/roc_pr.png",
                  "plots/reliability.png", "plots/evaluate/ensemble/confusion.png"):
         assert (project / path).exists(), path
     for approach in APPROACHES:

@@ -114,10 +114,19 @@ class TrainParams(_Section):
     augment: AugmentParams = AugmentParams()
 
 
+class GroupsParams(_Section):
+    """A CSV that maps test images to a group (source, site, age band, view) for the subgroup report."""
+
+    csv: str
+    path_column: str = "file"
+    group_column: str = "source_repo"
+
+
 class EvaluateParams(_Section):
     batch_size: int = Field(128, ge=1, le=4096)
     gradcam_per_class: int = Field(3, ge=0, le=50)
     tta: list[str] = ["custom"]  # approaches scored with test-time augmentation
+    groups: GroupsParams | None = None
 
 
 class ShortcutsParams(_Section):
@@ -152,6 +161,7 @@ class Params(_Section):
     train_finetune: TrainParams
     evaluate: EvaluateParams
     shortcuts: ShortcutsParams
+    external: dict[str, str] = {}
     compare: CompareParams
 
     def approach(self, name: str) -> TrainParams:
@@ -172,12 +182,14 @@ def _walk(loc: tuple[str | int, ...]) -> tuple[Any, Any, tuple[tuple[int, str], 
     """
     model, field, place = Params, None, []
     for part in loc:
-        if isinstance(part, int) or part not in model.model_fields:
+        fields = getattr(model, "model_fields", {})
+        if isinstance(part, int) or part not in fields:
             place.append((part, "") if isinstance(part, int) else (-1, part))
             continue
-        place.append((list(model.model_fields).index(part), ""))
-        field = model.model_fields[part]
-        model = field.annotation
+        place.append((list(fields).index(part), ""))
+        field = fields[part]
+        # an optional section (``X | None``) is walked into as its model
+        model = next((arg for arg in get_args(field.annotation) if hasattr(arg, "model_fields")), field.annotation)
     return model, field, tuple(place)
 
 
@@ -190,7 +202,7 @@ def _message(error: Any) -> str:
         where = f"in {key.rpartition('.')[0]}" if len(loc) > 1 else "at the top level"
         return f"unknown key {key}; allowed keys {where}: {', '.join(model.model_fields)}"
     if kind == "missing":
-        return f"missing section {key}"
+        return f"missing {'section' if len(loc) == 1 else 'key'} {key}"
     if kind == "model_type":
         return f"{key or 'the file'} must be a mapping of keys, got {value!r}"
     if kind == "literal_error" and isinstance(value, str):
