@@ -11,6 +11,7 @@ from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_rep
 from cxr.reporting.figures import confusion_png, reliability_png, roc_pr_png, write_curve_tables
 from cxr.reporting.scores import classification_metrics
 from cxr.reporting.shortcuts import shortcuts_markdown
+from cxr.reporting.subgroups import load_groups, subgroup_report, subgroups_markdown
 from cxr.reporting.tables import bar_chart, report_markdown, summary_markdown, summary_table
 
 
@@ -41,6 +42,13 @@ def main() -> None:
     table = summary_table(scores)
     summary = summary_markdown(table, reports, sentences, weights, classes, settings.bootstrap_resamples,
                                params.evaluate.tta) + "\n" + shortcuts_markdown(read_json(paths.SHORTCUTS_JSON))
+    grouping = params.evaluate.groups
+    subgroups = {}
+    if grouping is not None:
+        subgroups = subgroup_report(test, load_groups(grouping), classes, settings.bootstrap_resamples,
+                                    settings.bootstrap_seed)
+        summary += "\n" + subgroups_markdown(subgroups, classes, grouping.group_column)
+    write_json(paths.SUBGROUPS_JSON, subgroups)
     write_text(paths.SUMMARY_MD, summary)
     atomic_write(paths.SUMMARY_CSV, lambda tmp: table.round(6).to_csv(tmp, index=False))
     bar_chart(table, paths.PLOTS / "compare.png")

@@ -25,6 +25,7 @@ SUMMARY_MD = METRICS / "summary.md"
 SUMMARY_CSV = METRICS / "summary.csv"
 SUMMARY_JSON = METRICS / "summary.json"
 SHORTCUTS_JSON = METRICS / "shortcuts.json"
+SUBGROUPS_JSON = METRICS / "subgroups.json"
 PROBE_DATA = Path("data/probe")
 PROBE_MODEL = MODELS / "probe.pt"
 
