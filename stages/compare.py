@@ -8,6 +8,7 @@ from cxr.console import run
 from cxr.files import atomic_write, read_json, write_json, write_text
 from cxr.params import load_params
 from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
+from cxr.reporting.external import external_markdown
 from cxr.reporting.figures import confusion_png, reliability_png, roc_pr_png, write_curve_tables
 from cxr.reporting.scores import classification_metrics
 from cxr.reporting.shortcuts import shortcuts_markdown
@@ -49,6 +50,7 @@ def main() -> None:
                                     settings.bootstrap_seed)
         summary += "\n" + subgroups_markdown(subgroups, classes, grouping.group_column)
     write_json(paths.SUBGROUPS_JSON, subgroups)
+    summary += "\n" + external_markdown(paths.EXTERNAL_MD)
     write_text(paths.SUMMARY_MD, summary)
     atomic_write(paths.SUMMARY_CSV, lambda tmp: table.round(6).to_csv(tmp, index=False))
     bar_chart(table, paths.PLOTS / "compare.png")

@@ -45,7 +45,7 @@ REASONS = {
 }
 ALL_STAGES = {
     "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
-    "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "compare",
+    "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "external", "compare",
 }
 PER_CLASS = 12  # good images per class and folder: 6 PNEUMONIA patients, enough for 4 folds after bad ones
 IMAGE_SIZE = 32

@@ -123,7 +123,7 @@ def test_dvc_repro_builds_everything_reproducibly_then_reruns_only_what_changed(
     first = sh(project, "dvc", "repro")
     assert ran_stages(first) == {
         "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
-        "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "compare",
+        "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "external", "compare",
     }
     check_outputs(project)
     assert "F1-Score (Macro)" in first
@@ -139,9 +139,9 @@ def test_dvc_repro_builds_everything_reproducibly_then_reruns_only_what_changed(
     sh(project, "git", "commit", "-qm", "first run")
 
     rerun = sh(project, "dvc", "exp", "run", "-S", "train_custom.epochs=2")
-    # compare reruns only if the custom model's scores changed; nothing else may rerun.
+    # compare reruns only if the custom model's scores changed; external rescores the new model; nothing else may rerun.
     assert {"train_custom", "evaluate@custom", "train_probe"} <= ran_stages(rerun) <= {
-        "train_custom", "evaluate@custom", "train_probe", "shortcuts", "compare"}
+        "train_custom", "evaluate@custom", "train_probe", "shortcuts", "external", "compare"}
     check_outputs(project)
     assert "metrics/custom.json" in sh(project, "dvc", "metrics", "diff", "--all")
     sh(project, "dvc", "plots", "show", "-o", str(tmp_path / "plots_html"))

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 ALL_STAGES = frozenset({
     "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
-    "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "compare",
+    "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "external", "compare",
 })
 EVALUATE = frozenset({"evaluate@custom", "evaluate@extract", "evaluate@finetune"})
 FROM_PREPROCESS = ALL_STAGES - {"download", "split", "audit"}
@@ -48,19 +48,20 @@ EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
     "preprocess.image_size": (36, FROM_PREPROCESS),
     # Speed only: data/processed comes out byte-identical, so nothing downstream may rerun.
     "preprocess.workers": (2, frozenset({"preprocess"})),
-    # One recipe: its model, its evaluation, the shortcut audit of the new model, and the comparison.
+    # One recipe: its model, its evaluation, the shortcut audit and external scores of the new model, and the comparison.
     # The border probe is the custom CNN's recipe on hidden lungs, so train_custom.* retrains it too.
     # (custom: width, not lr: with ema_decay 0.998 the one tiny step of these runs barely moves the saved
     # average, so a new lr can leave the predictions identical to 6 decimals and compare rightly stays put)
-    "train_custom.width": (12, frozenset({"train_custom", "evaluate@custom", "train_probe", "shortcuts", "compare"})),
-    "train_extract.lr": (0.002, frozenset({"train_extract", "evaluate@extract", "shortcuts", "compare"})),
-    "train_finetune.lr": (0.0005, frozenset({"train_finetune", "evaluate@finetune", "shortcuts", "compare"})),
+    "train_custom.width": (12, frozenset({"train_custom", "evaluate@custom", "train_probe", "shortcuts", "external",
+                                           "compare"})),
+    "train_extract.lr": (0.002, frozenset({"train_extract", "evaluate@extract", "shortcuts", "external", "compare"})),
+    "train_finetune.lr": (0.0005, frozenset({"train_finetune", "evaluate@finetune", "shortcuts", "external", "compare"})),
     # Shared by every training stage (the probe's too): all models change, so everything after them reruns.
     "train.seed": (7, frozenset({"train_custom", "train_extract", "train_finetune", "train_probe", "shortcuts"})
-                   | EVALUATE | {"compare"}),
+                   | EVALUATE | {"external", "compare"}),
     # Every evaluate@* depends on the whole evaluate section; the audit scores as evaluate does, and
     # compare reads evaluate.tta itself.
-    "evaluate.tta": (["custom", "extract"], EVALUATE | {"shortcuts", "compare"}),
+    "evaluate.tta": (["custom", "extract"], EVALUATE | {"shortcuts", "external", "compare"}),
     # Only the Grad-CAM gallery changes: predictions are byte-identical, so compare must not rerun.
     "evaluate.gradcam_per_class": (2, EVALUATE),
     # The probe's length retrains only the probe; the audit and the report follow.
@@ -68,7 +69,7 @@ EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
     # A verdict threshold: the audit reruns (its readings may change), no model is retrained.
     "shortcuts.flag_share": (0.6, frozenset({"shortcuts", "compare"})),
     # The comparison's bootstrap also sets the audit's intervals; nothing upstream changes.
-    "compare.bootstrap_resamples": (200, frozenset({"shortcuts", "compare"})),
+    "compare.bootstrap_resamples": (200, frozenset({"shortcuts", "external", "compare"})),
 }
 
 _CACHED = re.compile(r"Stage '([^']+)' is cached")

@@ -28,6 +28,11 @@ SHORTCUTS_JSON = METRICS / "shortcuts.json"
 SUBGROUPS_JSON = METRICS / "subgroups.json"
 PROBE_DATA = Path("data/probe")
 PROBE_MODEL = MODELS / "probe.pt"
+# external test sets (params ``external``): the fetched images, and per set its scores, table and predictions
+EXTERNAL_DATA = Path("data/external")
+EXTERNAL_METRICS = METRICS / "external"
+EXTERNAL_INDEX = EXTERNAL_METRICS / "index.json"
+EXTERNAL_MD = EXTERNAL_METRICS / "index.md"
 
 
 def model_file(approach: str) -> Path:
@@ -73,3 +78,19 @@ def pr_curve_file(class_name: str, model: str) -> Path:
 
 def calibration_file(model: str) -> Path:
     return CURVES / "calibration" / f"{model}.csv"
+
+
+def external_metrics_file(name: str) -> Path:
+    return EXTERNAL_METRICS / f"{name}.json"
+
+
+def external_markdown_file(name: str) -> Path:
+    return EXTERNAL_METRICS / f"{name}.md"
+
+
+def external_predictions_file(name: str, model: str) -> Path:
+    return EXTERNAL_METRICS / name / "predictions" / f"{model}.csv"
+
+
+def external_skipped_file(name: str) -> Path:
+    return EXTERNAL_METRICS / name / "skipped.csv"

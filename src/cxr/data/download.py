@@ -125,20 +125,20 @@ def check_layout(root: Path, classes: Sequence[str]) -> None:
                 raise PipelineError(f"{class_dir}: class folder is empty")
 
 
-def _materialise_local_or_url(source: str, workdir: Path) -> Path:
+def _materialise_local_or_url(source: str, workdir: Path, key: str = "data.source") -> Path:
     """Bring a URL's or local path's files into ``workdir`` and return the folder that holds them."""
     if source.startswith(("http://", "https://")):
         return _extract_zip(_download_url(source, workdir), workdir)
     path = Path(source).expanduser()
     if not path.exists():
-        raise PipelineError(f"data.source {source!r}: no such file or folder (use kaggle, a .zip, a folder or an http(s) URL)")
+        raise PipelineError(f"{key} {source!r}: no such file or folder (use kaggle, a .zip, a folder or an http(s) URL)")
     if path.is_dir():
         copy = workdir / "copied"
         shutil.copytree(path, copy)
         return copy
     if path.suffix.lower() == ".zip":
         return _extract_zip(path, workdir)
-    raise PipelineError(f"data.source {source!r} is neither a folder nor a .zip file")
+    raise PipelineError(f"{key} {source!r} is neither a folder nor a .zip file")
 
 
 def _kaggle_into_workdir(fetched: Path, workdir: Path) -> Path:
@@ -156,6 +156,37 @@ def _kaggle_into_workdir(fetched: Path, workdir: Path) -> Path:
     return copy
 
 
+def install_source(
+    source: str,
+    kaggle_handle: str,
+    destination: Path,
+    locate: Callable[[Path], Path],
+    kaggle: KaggleDownloader = kagglehub_download,
+    key: str = "data.source",
+) -> Path:
+    """Fetch ``source`` and atomically install, as ``destination``, the folder ``locate`` picks (and checks) in it.
+
+    ``source`` is ``kaggle`` (then ``kaggle_handle`` is downloaded), a local .zip or folder, or an
+    http(s) URL of a zip; ``key`` names the param in error messages. Shared by the training data
+    (``data.source``) and the external test sets, so both are fetched and checked the same way.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{destination.name}-") as tmp:
+        workdir = Path(tmp)
+        if source == "kaggle":
+            fetched = _kaggle_into_workdir(kaggle(kaggle_handle, workdir), workdir)
+        else:
+            fetched = _materialise_local_or_url(source, workdir, key)
+        root = locate(fetched)
+        staged = workdir / "staged"
+        root.rename(staged)
+        if destination.exists():
+            shutil.rmtree(destination)
+        staged.rename(destination)
+    return destination
+
+
 def fetch_dataset(
     source: str,
     kaggle_handle: str,
@@ -164,19 +195,10 @@ def fetch_dataset(
     kaggle: KaggleDownloader = kagglehub_download,
 ) -> Path:
     """Fetch ``source`` and atomically install its ``Data`` root as ``destination``."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{destination.name}-") as tmp:
-        workdir = Path(tmp)
-        if source == "kaggle":
-            fetched = _kaggle_into_workdir(kaggle(kaggle_handle, workdir), workdir)
-        else:
-            fetched = _materialise_local_or_url(source, workdir)
+
+    def data_root(fetched: Path) -> Path:
         root = find_data_root(fetched)
         check_layout(root, classes)
-        staged = workdir / "staged"
-        root.rename(staged)
-        if destination.exists():
-            shutil.rmtree(destination)
-        staged.rename(destination)
-    return destination
+        return root
+
+    return install_source(source, kaggle_handle, destination, data_root, kaggle)
