@@ -32,13 +32,14 @@ def main() -> None:
     for approach in APPROACHES:
         model, _ = load_trained_model(paths.model_file(approach), classes, device, layout)
         models[approach] = (ViewAveraged(model) if approach in params.evaluate.tta else model, model)
-    probe, _ = load_trained_model(paths.PROBE_MODEL, classes, device, layout)
+    probe, probe_checkpoint = load_trained_model(paths.PROBE_MODEL, classes, device, layout)
     audit = shortcut_audit(
         models, probe, images, labels, classes, neutral_grey(load_split(paths.PROCESSED, "train", classes)[0]),
         params.shortcuts, partial(class_probabilities, batch_size=params.evaluate.batch_size, device=device,
                                   memory_format=layout),
         params.compare.bootstrap_resamples, params.compare.bootstrap_seed,
     )
+    audit["probe"]["epochs"] = probe_checkpoint["recipe"]["epochs"]
     write_json(paths.SHORTCUTS_JSON, audit)
     shortcuts_png(audit, paths.PLOTS / "shortcuts.png")
 

@@ -33,7 +33,7 @@ LOSS_ROUNDING = 1e-5  # the learning curves store 6 decimals; gathered shard los
 OUTPUTS = {
     "models/custom.pt",
     "models/custom.resume.pt",
-    "plots/custom/metrics.json",
+    "dvclive/custom/metrics.json",
     *(f"dvclive/custom/plots/metrics/{split}/{metric}.tsv"
       for split in ("train", "val") for metric in ("loss", "accuracy", "macro_f1")),
 }
@@ -94,8 +94,8 @@ def test_ddp_run_completes_and_rank_0_alone_logs_and_writes(runs):
 @pytest.mark.slow
 def test_ddp_validation_scores_match_a_single_process_run(runs):
     single, _, ddp, _ = runs
-    expected = read_json(single / "plots/custom/metrics.json")["val"]
-    actual = read_json(ddp / "plots/custom/metrics.json")["val"]
+    expected = read_json(single / "dvclive/custom/metrics.json")["val"]
+    actual = read_json(ddp / "dvclive/custom/metrics.json")["val"]
     assert actual["accuracy"] == pytest.approx(expected["accuracy"], abs=TOLERANCE)
     assert actual["macro_f1"] == pytest.approx(expected["macro_f1"], abs=TOLERANCE)
 
