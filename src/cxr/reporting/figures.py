@@ -182,28 +182,27 @@ def curve_legend_labels(frames: Mapping[str, pd.DataFrame], classes: Sequence[st
     return labels
 
 
-def _style_roc_axes(ax: Axes, class_name: str) -> None:
-    """Chance diagonal, limits, labels; the panel fills its grid cell (scikit-learn makes it square)."""
+def _style_curve_axes(ax: Axes, labels: tuple[str, str], title: str, legend_loc: str) -> None:
+    """Limits, labels, title and legend of a ROC or PR panel; the panel fills its grid cell (scikit-learn makes it square)."""
     ax.set_aspect("auto")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(f"{class_name} vs rest: ROC")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
+    ax.legend(loc=legend_loc, fontsize="small")
+
+
+def _style_roc_axes(ax: Axes, class_name: str) -> None:
+    """The chance diagonal, then the shared styling."""
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    _style_curve_axes(ax, ("false positive rate", "true positive rate"), f"{class_name} vs rest: ROC", "lower right")
 
 
 def _style_pr_axes(ax: Axes, class_name: str, prevalence: float) -> None:
-    """Chance line at the class prevalence, limits, labels; the panel fills its grid cell."""
-    ax.set_aspect("auto")
+    """The chance line at the class prevalence, then the shared styling."""
     ax.axhline(prevalence, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title(f"{class_name} vs rest: precision-recall")
-    ax.legend(loc="lower left", fontsize="small")
+    _style_curve_axes(ax, ("recall", "precision"), f"{class_name} vs rest: precision-recall", "lower left")
 
 
 def _draw_class_curves(
