@@ -28,7 +28,7 @@ from torch import nn
 
 from cxr.console import run
 from cxr.data.images import IMAGE_SUFFIXES
-from cxr.data.preprocess import decode_all
+from cxr.data.preprocess import iter_decoded
 from cxr.params import APPROACHES, Params, load_params
 from cxr.paths import METRICS, PROCESSED, RAW
 from cxr.training.augment import augment_batch
@@ -128,7 +128,8 @@ def training_images(size: int, count: int, classes: list[str], synthetic: bool) 
     """The preprocessed train split when it exists at this size, else random uint8 images."""
     path = PROCESSED / "train.npy"
     if not synthetic and path.exists() and np.load(path, mmap_mode="r").shape[1:] == (size, size):
-        return load_tensors(PROCESSED, "train", classes), str(path)
+        mapped = load_tensors(PROCESSED, "train", classes)
+        return SplitTensors(torch.from_numpy(np.array(mapped.inputs)), mapped.labels), str(path)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (count, size, size), dtype=torch.uint8, generator=generator)
     return SplitTensors(images, torch.randint(0, 3, (count,), generator=generator)), "synthetic"
@@ -256,7 +257,7 @@ def bench_approach(params: Params, approach: str, data: SplitTensors, device: to
 
 
 def decode_rate(size: int, count: int, workers: int, synthetic: bool) -> dict[str, Any]:
-    """``decode_all`` images/s over the raw data's first ``count`` images, or synthetic JPEGs."""
+    """Decoding images/s over the raw data's first ``count`` images, or synthetic JPEGs."""
     files = [] if synthetic or not RAW.exists() else sorted(
         p for p in RAW.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:count]
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,9 +269,9 @@ def decode_rate(size: int, count: int, workers: int, synthetic: bool) -> dict[st
                 files.append(Path(tmp) / f"{i}.jpg")
                 Image.fromarray(((ramp + 13 * i) % 256).astype(np.uint8)).save(files[-1], quality=90)
         started = time.perf_counter()
-        decode_all(files, size, workers)
+        list(iter_decoded(files, size, workers))
         rate = len(files) / (time.perf_counter() - started)
-    return {"approach": "preprocess", "batch_size": None, "path": f"decode_all {len(files)} {source}, {workers} workers",
+    return {"approach": "preprocess", "batch_size": None, "path": f"decode {len(files)} {source}, {workers} workers",
             "pipeline": rate, "files": len(files), "workers": workers}
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 
 from cxr import paths
 from cxr.console import run
-from cxr.data.preprocess import preprocess_split, save_split
+from cxr.data.preprocess import preprocess_split
 from cxr.data.split import SPLIT_NAMES, class_counts
 from cxr.files import atomic_write, read_json, write_json
 from cxr.params import load_params
@@ -16,10 +16,10 @@ def main() -> None:
     listed, kept, skipped = {}, {}, []
     for split in SPLIT_NAMES:
         listed[split] = pd.read_csv(paths.AUDITED / f"{split}.csv", dtype=str)
-        images, kept[split], failures = preprocess_split(
-            paths.RAW, listed[split], params.preprocess.image_size, params.preprocess.workers, split, classes
+        kept[split], failures = preprocess_split(
+            paths.RAW, listed[split], params.preprocess.image_size, params.preprocess.workers, split, classes,
+            paths.PROCESSED,
         )
-        save_split(paths.PROCESSED, split, images, kept[split])
         skipped.append(failures)
     report = pd.concat(skipped, ignore_index=True)[["split", "path", "label", "reason"]]
     atomic_write(paths.SKIPPED_REPORT, lambda tmp: report.to_csv(tmp, index=False))

@@ -19,7 +19,7 @@ def main() -> None:
     for split in ("train", "val", "test"):
         images, _, rows = load_split(paths.PROCESSED, split, classes)
         save_split(paths.PROBE_DATA, split, occluded(images, "center_hidden", audit.center_fraction, fill), rows)
-    recipe = params.train_custom.model_copy(update={"epochs": audit.probe_epochs})
+    recipe = params.train_custom.model_copy(update={"epochs": audit.probe_epochs, "border": "keep"})
     train_approach("custom", params.model_copy(update={"train_custom": recipe}), paths.PROBE_DATA,
                    paths.PROBE_MODEL, paths.live_dir("probe"), resume_path=paths.resume_file("probe"))
 

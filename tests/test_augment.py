@@ -1,4 +1,4 @@
-"""Batched augmentation: the fast sampling grid, identity at zero strength, seeded and in range."""
+"""Batched augmentation: the fast sampling grid, identity at zero strength, seeded and in range; border erasing."""
 
 import math
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr.params import AugmentParams
-from cxr.training.augment import affine_grid, augment_batch, random_affine
+from cxr.lung_box import center_box
+from cxr.params import AugmentParams, TrainParams
+from cxr.training.augment import affine_grid, augment_batch, erase_border, random_affine, training_transform
 
 NONE = AugmentParams(rotation_deg=0.0, scale=0.0, translate=0.0, brightness=0.0, contrast=0.0)
 
@@ -46,3 +47,27 @@ def test_each_image_gets_its_own_warp():
     x = torch.rand(1, 1, 20, 20).expand(8, 1, 20, 20).contiguous()
     warped = random_affine(x, AugmentParams(rotation_deg=20, scale=0.0, translate=0.0), torch.Generator().manual_seed(1))
     assert len({tuple(image.flatten()[:50].tolist()) for image in warped}) == 8
+
+
+def test_border_erase_replaces_only_the_border_of_about_half_the_images():
+    x = torch.full((200, 1, 20, 20), 0.5)
+    erased = erase_border(x, 0.6, torch.Generator().manual_seed(0))
+    rows, cols = center_box(20, 0.6)
+    assert torch.equal(erased[..., rows, cols], x[..., rows, cols])
+    changed = (erased != x).flatten(1).any(1)
+    assert 70 < int(changed.sum()) < 130
+    border = torch.ones(20, 20, dtype=torch.bool)
+    border[rows, cols] = False
+    assert (erased[changed][..., border] != 0.5).float().mean() > 0.99
+    assert torch.equal(erased, erase_border(x, 0.6, torch.Generator().manual_seed(0)))
+
+
+def test_training_transform_follows_the_recipe():
+    recipe = TrainParams(augment=AugmentParams(enabled=False))
+    assert training_transform(recipe, torch.Generator(), pixels=True) is None
+    erasing = recipe.model_copy(update={"border": "erase"})
+    assert training_transform(erasing, torch.Generator(), pixels=False) is None
+    x = torch.full((64, 1, 10, 10), 0.5)
+    assert not torch.equal(training_transform(erasing, torch.Generator().manual_seed(0), pixels=True)(x), x)
+    hiding = recipe.model_copy(update={"border": "hide"})
+    assert training_transform(hiding, torch.Generator(), pixels=True) is None  # the model itself hides it

@@ -138,13 +138,15 @@ def test_split_and_audit_keep_bad_files_listed(bad_data_set):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_preprocess_split_skips_and_explains_each_bad_file(bad_data_set, workers):
+def test_preprocess_split_skips_and_explains_each_bad_file(bad_data_set, workers, tmp_path):
     data, bad = bad_data_set
     splits = make_splits(data, CLASSES, VAL_FRACTION, seed=42)
     where = _where(splits, bad)
     reports = []
     for split in SPLIT_NAMES:
-        images, kept, skipped = preprocess_split(data, splits[split], IMAGE_SIZE, workers, split, CLASSES)
+        kept, skipped = preprocess_split(data, splits[split], IMAGE_SIZE, workers, split, CLASSES, tmp_path)
+        images = np.load(tmp_path / f"{split}.npy")
+        assert sorted(path.name for path in tmp_path.glob(f"*{split}*")) == [f"{split}.csv", f"{split}.npy"]
         listed_bad = {p for p in splits[split]["path"] if p in bad}
         assert list(kept["path"]) == [p for p in splits[split]["path"] if p not in bad]
         assert images.shape == (len(splits[split]) - len(listed_bad), IMAGE_SIZE, IMAGE_SIZE)

@@ -1,15 +1,23 @@
-"""Batching: every item once per pass, labels aligned with their images, order from the generator.
+"""Batching: every item once per pass, labels aligned with their images, order from the generator, memory maps alike.
 
 And what a pass reports: its loss is the item-weighted mean of its batches' losses.
 """
 
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from cxr.training.engine import batches_in_order, evaluate, iterate_batches, model_batches, train_one_epoch
+from cxr.training.engine import (
+    batches_in_order,
+    evaluate,
+    gather_rows,
+    iterate_batches,
+    model_batches,
+    train_one_epoch,
+)
 
 
 def numbered(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,3 +119,27 @@ def test_a_pass_reports_the_item_weighted_mean_of_its_batch_losses(pass_kind, pr
     assert result.loss == pytest.approx(expected, rel=1e-6)
     assert torch.allclose(torch.from_numpy(result.probabilities), probabilities, atol=1e-6)
     assert result.labels.tolist() == labels.tolist()
+
+
+def memory_mapped(images: torch.Tensor, folder) -> np.ndarray:
+    np.save(folder / "images.npy", images.numpy())
+    return np.load(folder / "images.npy", mmap_mode="r")
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_a_memory_mapped_split_gives_the_same_batches_as_one_in_memory(tmp_path, shuffled):
+    images, labels = numbered(23)
+    mapped = memory_mapped(images, tmp_path)
+    expected = list(iterate_batches(images, labels, 5, torch.Generator().manual_seed(3) if shuffled else None))
+    batches = list(iterate_batches(mapped, labels, 5, torch.Generator().manual_seed(3) if shuffled else None))
+    assert len(batches) == len(expected) == 5
+    for (x, y), (x_ref, y_ref) in zip(batches, expected):
+        assert x.dtype == torch.uint8 and torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_gathered_rows_come_back_in_the_order_asked_repeats_included(tmp_path):
+    images, _ = numbered(12)
+    rows = np.array([9, 2, 11, 2, 0, 7])
+    gathered = gather_rows(memory_mapped(images, tmp_path), rows)
+    assert gathered[:, 0, 0].tolist() == rows.tolist()
+    assert gathered.is_contiguous()

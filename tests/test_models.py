@@ -7,6 +7,7 @@ import torch
 from torchvision.models import resnet18
 
 from cxr.errors import PipelineError
+from cxr.lung_box import center_box
 from cxr.training.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -106,3 +107,27 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(path)
     with pytest.raises(PipelineError, match="model file not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("arch, mean, std", [("custom_cnn", [0.4], [0.2]), ("resnet18", IMAGENET_MEAN, IMAGENET_STD)])
+def test_a_lung_box_model_cannot_see_the_border(arch, mean, std):
+    model = build_model(arch, 3, mean, std, width=8, lung_box=0.5).eval()
+    x = torch.rand(2, 1, 32, 32)
+    rows, cols = center_box(32, 0.5)
+    other_border = torch.rand(2, 1, 32, 32)
+    other_border[..., rows, cols] = x[..., rows, cols]
+    assert torch.equal(model(x), model(other_border))
+    hidden = model.norm(x)
+    assert torch.count_nonzero(hidden) == hidden.shape[1] * 2 * 16 * 16  # only the 16 x 16 box is left
+    assert torch.equal(hidden[..., rows, cols], build_model(arch, 3, mean, std, width=8).norm(x)[..., rows, cols])
+
+
+def test_the_lung_box_travels_in_the_checkpoint(tmp_path):
+    args = {"arch": "custom_cnn", "num_classes": 3, "mean": [0.4], "std": [0.2], "width": 8, "dropout": 0.1,
+            "lung_box": 0.5}
+    model = build_model(**args).eval()
+    torch.save({"model": model.state_dict(), "model_args": args}, tmp_path / "model.pt")
+    restored = model_from_checkpoint(load_checkpoint(tmp_path / "model.pt"))
+    assert restored.norm.lung_box == 0.5
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(model(x), restored(x))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cxr.data.images import decode_grayscale
-from cxr.data.preprocess import decode_all, load_split, preprocess_split, save_split
+from cxr.data.preprocess import decode_into, iter_decoded, load_split, preprocess_split, save_split
 from cxr.data.split import index_split
 from cxr.errors import PipelineError
 
@@ -36,7 +36,10 @@ def frame(root: Path) -> pd.DataFrame:
 
 
 def run(root: Path, frame: pd.DataFrame, workers: int = 1):
-    return preprocess_split(root, frame, SIZE, workers, "train", CLASSES)
+    """The split as preprocess writes it: (images read back from train.npy, kept rows, skipped rows)."""
+    out = root.parent / f"processed-{workers}"
+    kept, skipped = preprocess_split(root, frame, SIZE, workers, "train", CLASSES, out)
+    return np.load(out / "train.npy"), kept, skipped
 
 
 def test_images_are_uint8_squares_in_the_order_of_the_kept_rows(root, frame):
@@ -82,6 +85,27 @@ def test_a_class_left_without_readable_images_is_one_line(root, frame):
     assert str(excinfo.value) == (
         "split 'train' has no readable image of class PNEUMONIA after skipping unreadable files"
     )
+    assert not any((root.parent / "processed-1").iterdir())  # no array without its rows, no temporary file
+
+
+def test_the_split_is_a_plain_npy_file_opened_as_a_read_only_memory_map(root, frame):
+    images, kept, _ = run(root, frame)
+    out = root.parent / "processed-1"
+    assert sorted(path.name for path in out.iterdir()) == ["train.csv", "train.npy"]  # compacted in place
+
+    mapped, labels, rows = load_split(out, "train", CLASSES)
+
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    np.testing.assert_array_equal(mapped, images)
+    pd.testing.assert_frame_equal(rows, kept.astype(str))
+
+
+def test_a_split_where_every_file_fails_leaves_an_empty_array(root, frame, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    reasons = decode_into(out / "x.npy", [root / EMPTY, root / TRUNCATED], SIZE, workers=1)
+    assert all(reasons) and np.load(out / "x.npy").shape == (0, SIZE, SIZE)
+    assert [path.name for path in out.iterdir()] == ["x.npy"]
 
 
 def test_two_workers_give_byte_identical_results(root, frame):
@@ -94,10 +118,10 @@ def test_two_workers_give_byte_identical_results(root, frame):
     pd.testing.assert_frame_equal(parallel[2], serial[2])
 
 
-def test_decode_all_keeps_the_input_order_and_turns_failures_into_reasons(root, frame):
+def test_decoding_keeps_the_input_order_and_turns_failures_into_reasons(root, frame):
     paths = [root / p for p in frame["path"]]
 
-    results = decode_all(paths, SIZE, workers=1)
+    results = list(iter_decoded(paths, SIZE, workers=1))
 
     assert len(results) == len(paths)
     for path, result in zip(paths, results):

@@ -18,7 +18,8 @@ import torch
 
 from cxr.data.preprocess import save_split
 from cxr.evaluation.inference import load_trained_model
-from cxr.evaluation.occlusion import center_box, chance_scores, class_probabilities, neutral_grey, occluded
+from cxr.evaluation.occlusion import chance_scores, class_probabilities, neutral_grey, occluded
+from cxr.lung_box import center_box
 from cxr.params import CLASSES, ShortcutsParams
 from cxr.reporting.shortcut_audit import shortcut_audit
 from cxr.reporting.shortcuts import retained_share, shortcuts_markdown, shortcuts_png

@@ -4,14 +4,16 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from cxr.data.preprocess import load_split
 from cxr.errors import PipelineError
 from cxr.params import CLASSES, parse_params
-from cxr.training import runtime
-from cxr.training.loop import compute_embeddings, load_tensors, make_ema, train_approach
+from cxr.training import loop, runtime
+from cxr.training.loop import SplitTensors, compute_embeddings, load_tensors, make_ema, train_approach
 from cxr.training.models import build_model, load_checkpoint, model_from_checkpoint
 
 from conftest import write_processed
@@ -74,7 +76,7 @@ def test_extract_caches_embeddings_and_keeps_the_body_unchanged(processed, tmp_p
     cached = compute_embeddings(trained, split, 4, torch.device("cpu"), torch.contiguous_format)
     logits_from_cache = trained.head(cached.inputs)
     with torch.inference_mode():
-        logits_full = trained(split.inputs.unsqueeze(1).float() / 255)
+        logits_full = trained(torch.from_numpy(np.array(split.inputs)).unsqueeze(1).float() / 255)
     assert torch.allclose(logits_from_cache, logits_full, atol=1e-5)
 
 
@@ -124,7 +126,7 @@ def test_cached_embeddings_keep_the_precision_the_body_ran_in(processed, monkeyp
     split = load_tensors(processed, "val", list(CLASSES))
     cached = compute_embeddings(model, split, 4, torch.device("cpu"), torch.contiguous_format, amp="bf16")
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        expected = model.embed(split.inputs.unsqueeze(1).float() / 255)
+        expected = model.embed(torch.from_numpy(np.array(split.inputs)).unsqueeze(1).float() / 255)
     assert cached.inputs.dtype is torch.bfloat16
     torch.testing.assert_close(cached.inputs, expected)  # bf16 tolerance: batches of 4 vs one of all
     assert torch.equal(cached.labels, split.labels)
@@ -135,6 +137,32 @@ def test_extract_with_augmentation_runs_the_frozen_body_every_batch(processed, t
     params = tiny_params(train_extract={"augment": augment, "epochs": 1})
     summary = train_approach("extract", params, processed, tmp_path / "e.pt", tmp_path / "live", progress=False)
     assert summary["cached_embeddings"] is False
+
+
+def test_border_erase_runs_the_frozen_body_every_batch_and_hide_is_saved_in_the_model(processed, tmp_path):
+    erase = tiny_params(train_extract={"border": "erase"})
+    assert train_approach("extract", erase, processed, tmp_path / "e.pt", tmp_path / "le", progress=False)[
+        "cached_embeddings"] is False
+    train_approach("custom", tiny_params(train_custom={"border": "hide", "lung_box": 0.5}), processed,
+                   tmp_path / "h.pt", tmp_path / "lh", progress=False)
+    checkpoint = torch.load(tmp_path / "h.pt", weights_only=True)
+    assert checkpoint["model_args"]["lung_box"] == 0.5 and checkpoint["recipe"]["border"] == "hide"
+    assert model_from_checkpoint(checkpoint).norm.lung_box == 0.5
+
+
+def test_training_from_the_memory_map_equals_training_from_memory(processed, tmp_path, monkeypatch):
+    mapped = train_approach("custom", tiny_params(), processed, tmp_path / "mapped.pt", tmp_path / "l1", progress=False)
+
+    def in_memory(folder, split, classes):
+        images, labels, _ = load_split(folder, split, classes)
+        assert isinstance(images, np.memmap)
+        return SplitTensors(torch.from_numpy(np.array(images)), torch.from_numpy(labels))
+
+    monkeypatch.setattr(loop, "load_tensors", in_memory)
+    held = train_approach("custom", tiny_params(), processed, tmp_path / "held.pt", tmp_path / "l2", progress=False)
+    assert mapped == held
+    first, second = (torch.load(tmp_path / name, weights_only=True)["model"] for name in ("mapped.pt", "held.pt"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_finetune_trains_every_layer(processed, tmp_path):

@@ -20,6 +20,7 @@ Optimizer = Literal["adamw", "sgd"]
 Scheduler = Literal["onecycle", "cosine", "none"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 AmpDtype = Literal["none", "bf16", "fp16"]
+Border = Literal["keep", "erase", "hide"]
 CLASSES = ("COVID19", "NORMAL", "PNEUMONIA")
 OPTIMIZERS, SCHEDULERS, DEVICES, AMP_DTYPES = (get_args(choice) for choice in (Optimizer, Scheduler, Device, AmpDtype))
 MIN_IMAGE_SIZE = 32
@@ -82,6 +83,7 @@ class RuntimeParams(_Section):
     compile: bool = False
     deterministic: bool = False
     reuse_freed_memory: bool = True
+    gpu_data_gb: Number = Field(4.0, ge=0.0, le=100_000.0)
 
 
 class AugmentParams(_Section):
@@ -112,6 +114,8 @@ class TrainParams(_Section):
     cache_embeddings: bool = True
     ema_decay: Number = Field(0.0, ge=0.0, le=0.999999)
     augment: AugmentParams = AugmentParams()
+    border: Border = "keep"
+    lung_box: Number = Field(0.6, gt=0.0, lt=1.0)
 
 
 class GroupsParams(_Section):

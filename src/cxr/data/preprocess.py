@@ -3,17 +3,20 @@
 Each split becomes ``<split>.npy`` (N x size x size, uint8, memory-mappable) plus
 ``<split>.csv`` (the rows that were kept, in array order). Unreadable files are skipped
 and reported with their reason rather than failing a 10,000-image run on one bad file.
+Images are written into the memory-mapped file as they are decoded, so preprocessing a
+split takes the same memory at 10,000 images as at 300,000.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from cxr.data.images import decode_grayscale
@@ -28,30 +31,81 @@ def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
         return str(err)
 
 
-def decode_all(paths: Sequence[Path], size: int, workers: int, desc: str = "decode") -> list[np.ndarray | str]:
-    """Decode ``paths`` in order with ``workers`` processes; a failure becomes its reason string."""
+def iter_decoded(paths: Sequence[Path], size: int, workers: int, desc: str = "decode") -> Iterator[np.ndarray | str]:
+    """Decode ``paths`` in order with ``workers`` processes, one image at a time; a failure becomes its reason."""
     decode = partial(_decode_or_reason, size=size)
     chunksize = max(1, min(64, len(paths) // (4 * workers) or 1))
     progress = partial(tqdm, total=len(paths), desc=desc, unit="img", mininterval=2.0)
     if workers == 1:
-        return list(progress(map(decode, paths)))
+        yield from progress(map(decode, paths))
+        return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(progress(pool.map(decode, paths, chunksize=chunksize)))
+        yield from progress(pool.map(decode, paths, chunksize=chunksize))
+
+
+def decode_into(array_path: Path, paths: Sequence[Path], size: int, workers: int, desc: str = "decode") -> list[str | None]:
+    """Decode ``paths`` straight into the ``.npy`` file ``array_path``; returns each path's failure reason or None.
+
+    The file is preallocated for every path and memory-mapped, so memory stays one image
+    per worker whatever the number of images; decoded images are written in order, with no
+    hole where a file failed, and the file is cut down to the decoded ones at the end.
+    """
+    reasons: list[str | None] = []
+    kept = 0
+    images = open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(max(1, len(paths)), size, size))
+    for result in iter_decoded(paths, size, workers, desc):
+        if isinstance(result, str):
+            reasons.append(result)
+        else:
+            images[kept] = result
+            kept += 1
+            reasons.append(None)
+    images.flush()
+    del images
+    if kept < max(1, len(paths)):
+        _keep_first_rows(array_path, kept)
+    return reasons
+
+
+def _keep_first_rows(array_path: Path, rows: int, chunk: int = 1024) -> None:
+    """Rewrite ``array_path`` with only its first ``rows`` images, copied in chunks of bounded memory."""
+    source = np.load(array_path, mmap_mode="r")
+    short = array_path.with_name(array_path.name + ".short")
+    if rows == 0:
+        with short.open("wb") as handle:
+            np.save(handle, np.zeros((0, *source.shape[1:]), np.uint8))
+    else:
+        target = open_memmap(short, mode="w+", dtype=np.uint8, shape=(rows, *source.shape[1:]))
+        for start in range(0, rows, chunk):
+            target[start : start + chunk] = source[start : min(rows, start + chunk)]
+        target.flush()
+        del target
+    del source
+    short.replace(array_path)
 
 
 def preprocess_split(
-    root: Path, frame: pd.DataFrame, size: int, workers: int, split: str, classes: Sequence[str]
-) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
-    """Decode one split; returns (images, kept rows, skipped rows with a ``reason`` column)."""
-    results = decode_all([root / p for p in frame["path"]], size, workers, desc=split)
-    ok = np.array([not isinstance(r, str) for r in results], dtype=bool)
-    images = np.stack([r for r in results if not isinstance(r, str)]) if ok.any() else np.zeros((0, size, size), np.uint8)
-    kept = frame[ok].reset_index(drop=True)
-    skipped = frame[~ok].assign(split=split, reason=[r for r in results if isinstance(r, str)]).reset_index(drop=True)
-    missing = [label for label in classes if not (kept["label"] == label).any()]
-    if missing:
-        raise PipelineError(f"split {split!r} has no readable image of class {missing[0]} after skipping unreadable files")
-    return images, kept, skipped
+    root: Path, frame: pd.DataFrame, size: int, workers: int, split: str, classes: Sequence[str], out_dir: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode one split into ``out_dir/<split>.npy`` and ``.csv``; returns (kept rows, skipped rows with ``reason``).
+
+    Nothing is written when a class has no readable image left, and a kill leaves no half file.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcome: dict[str, pd.DataFrame] = {}
+
+    def write_array(tmp: Path) -> None:
+        reasons = decode_into(tmp, [root / p for p in frame["path"]], size, workers, desc=split)
+        ok = np.array([reason is None for reason in reasons], dtype=bool)
+        outcome["kept"] = frame[ok].reset_index(drop=True)
+        outcome["skipped"] = frame[~ok].assign(split=split, reason=[r for r in reasons if r is not None])
+        missing = [label for label in classes if not (outcome["kept"]["label"] == label).any()]
+        if missing:
+            raise PipelineError(f"split {split!r} has no readable image of class {missing[0]} after skipping unreadable files")
+
+    atomic_write(out_dir / f"{split}.npy", write_array)
+    atomic_write(out_dir / f"{split}.csv", lambda tmp: outcome["kept"].to_csv(tmp, index=False))
+    return outcome["kept"], outcome["skipped"].reset_index(drop=True)
 
 
 def save_split(out_dir: Path, split: str, images: np.ndarray, kept: pd.DataFrame) -> None:
@@ -67,11 +121,15 @@ def save_split(out_dir: Path, split: str, images: np.ndarray, kept: pd.DataFrame
 
 
 def load_split(processed_dir: Path, split: str, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Load a preprocessed split: (uint8 images N x H x W, int64 labels indexed by ``classes``, rows)."""
+    """Open a preprocessed split: (uint8 images N x H x W, int64 labels indexed by ``classes``, rows).
+
+    The images are a read-only memory map: pages are read when a batch touches them and stay
+    in the page cache, which the kernel can drop, so a split larger than RAM still trains.
+    """
     array_path, csv_path = processed_dir / f"{split}.npy", processed_dir / f"{split}.csv"
     if not array_path.exists() or not csv_path.exists():
         raise PipelineError(f"{processed_dir}: no preprocessed {split} split; run `dvc repro preprocess` first")
-    images = np.load(array_path)
+    images = np.load(array_path, mmap_mode="r")
     rows = pd.read_csv(csv_path, dtype=str)
     unknown = sorted(set(rows["label"]) - set(classes))
     if unknown:

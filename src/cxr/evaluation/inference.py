@@ -51,7 +51,7 @@ def predict_split(
         )
     result = evaluate(
         model,
-        iterate_batches(torch.from_numpy(images), torch.from_numpy(labels), batch_size),
+        iterate_batches(images, torch.from_numpy(labels), batch_size),
         len(labels),
         nn.CrossEntropyLoss(),
         device,

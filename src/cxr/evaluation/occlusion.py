@@ -23,19 +23,11 @@ import torch
 from torch import nn
 
 from cxr.evaluation.saliency import gradcam_heatmaps
+from cxr.lung_box import center_box
 from cxr.training.engine import evaluate, iterate_batches
 from cxr.training.models import Classifier
 
 VIEWS = ("intact", "center_hidden", "border_hidden")
-
-
-def center_box(size: int, fraction: float) -> tuple[slice, slice]:
-    """Rows and columns of the centred square covering ``fraction`` of the image's width and height."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"the centre box must cover between 0 and 1 of the image, got {fraction}")
-    side = max(1, round(size * fraction))
-    start = (size - side) // 2
-    return slice(start, start + side), slice(start, start + side)
 
 
 def occluded(images: np.ndarray, view: str, fraction: float, fill: int) -> np.ndarray:
@@ -64,7 +56,7 @@ def class_probabilities(model: nn.Module, images: np.ndarray, batch_size: int, d
                         memory_format: torch.memory_format = torch.contiguous_format, desc: str = "score") -> np.ndarray:
     """Class probabilities (N, classes) of ``model`` for uint8 images (N, H, W)."""
     labels = torch.zeros(len(images), dtype=torch.long)
-    result = evaluate(model, iterate_batches(torch.from_numpy(images), labels, batch_size), len(images),
+    result = evaluate(model, iterate_batches(images, labels, batch_size), len(images),
                       nn.CrossEntropyLoss(), device, memory_format=memory_format, desc=desc)
     return result.probabilities
 

@@ -1,7 +1,9 @@
 """One pass over the data: ``train_one_epoch`` and ``evaluate``, shared by every approach.
 
-Batches are sliced from uint8 arrays already in memory and converted to float on the fly,
-so the time of a step goes into the model's arithmetic, not into decoding or copying.
+Batches are cut from uint8 arrays (memory-mapped splits, or tensors already on the device)
+and converted to float on the fly, so the time of a step goes into the model's arithmetic,
+not into decoding or copying. On CUDA, batches read from the host go through pinned memory
+with the next one already on its way while the current one computes.
 """
 
 from __future__ import annotations
@@ -77,8 +79,13 @@ class _Tally:
         return EpochResult(float(loss), labels.cpu().numpy(), np.ascontiguousarray(probabilities))
 
 
+Images = torch.Tensor | np.ndarray
+"""A split's inputs: a tensor (pixels or cached embeddings, in memory or on the GPU), or
+uint8 pixels in a NumPy array, usually the read-only memory map of a preprocessed split."""
+
+
 def iterate_batches(
-    images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    images: Images, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(uint8 images, labels)`` batches, shuffled when a generator is given.
 
@@ -89,22 +96,42 @@ def iterate_batches(
     return batches_in_order(images, labels, torch.randperm(len(images), generator=generator), batch_size)
 
 
-def _slices(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive batches as views (no copy), all cut in one call per tensor."""
+def _slices(images: Images, labels: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive batches: views of a tensor (no copy, cut in one call), or rows read from an array."""
+    if isinstance(images, np.ndarray):
+        return ((torch.from_numpy(np.array(images[start : start + batch_size])), part)
+                for start, part in zip(range(0, len(labels), batch_size), labels.split(batch_size)))
     return zip(images.split(batch_size), labels.split(batch_size))
 
 
 def batches_in_order(
-    images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
+    images: Images, labels: torch.Tensor, order: torch.Tensor, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images, labels)`` batches of the items ``order`` lists, in that order (repeats allowed).
 
-    The items are gathered once per pass (one ``index_select``) and every batch is a view of
-    that copy: a gather per batch would cost more than the whole step of a head trained on
-    cached embeddings. The copy holds the pass's items (one split's memory) while it runs.
+    A tensor's items are gathered once per pass (one ``index_select``) and every batch is a
+    view of that copy: a gather per batch would cost more than the whole step of a head
+    trained on cached embeddings. An array (a memory-mapped split, maybe larger than RAM)
+    is gathered one batch at a time instead, so a pass holds one batch of pixels.
     """
+    if isinstance(images, np.ndarray):
+        for rows in order.split(batch_size):
+            yield gather_rows(images, rows.numpy()), labels.index_select(0, rows.to(labels.device))
+        return
     order = order.to(images.device)
     yield from _slices(images.index_select(0, order), labels.index_select(0, order), batch_size)
+
+
+def gather_rows(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """``images[rows]`` as a tensor, read in ascending row order and returned in the order asked.
+
+    Reading a memory map in file order lets the kernel read ahead and merge neighbouring
+    pages; the batch's shuffled order is restored in memory afterwards.
+    """
+    ascending = np.argsort(rows, kind="stable")
+    batch = np.empty((len(rows), *images.shape[1:]), dtype=images.dtype)
+    batch[ascending] = images[rows[ascending]]
+    return torch.from_numpy(batch)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -149,7 +176,22 @@ def model_batches(
     images, labels = first
     if transform is None and not _is_pixels(images) and images.device == device and labels.device == device:
         return batches
+    if device.type == "cuda" and images.device.type == "cpu":
+        batches = prefetched(batches, device)
     return _converted(batches, device, memory_format, transform)
+
+
+def prefetched(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` copied to ``device`` one ahead: batch i+1's pinned copy runs while batch i computes."""
+    pending = None
+    for images, labels in batches:
+        moved = (images.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True))
+        if pending is not None:
+            yield pending
+        pending = moved
+    if pending is not None:
+        yield pending
 
 
 def _converted(

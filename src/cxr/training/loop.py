@@ -13,6 +13,7 @@ is the single-process run, unchanged.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from dvclive import Live
 from torch import nn
@@ -34,9 +36,10 @@ from cxr.errors import PipelineError, first_line
 from cxr.files import atomic_write
 from cxr.params import Params, TrainParams, as_dict
 from cxr.training import distributed
-from cxr.training.augment import augment_batch
+from cxr.training.augment import training_transform
 from cxr.training.engine import (
     EpochResult,
+    Images,
     batches_in_order,
     combine_results,
     evaluate,
@@ -52,33 +55,53 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SplitTensors:
-    """A split held in memory: uint8 images (N x H x W) or float embeddings (N x D), int64 labels."""
+    """A split: uint8 images (N x H x W, a memory map or a device tensor) or float embeddings (N x D), int64 labels."""
 
-    inputs: torch.Tensor
+    inputs: Images
     labels: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device: torch.device) -> SplitTensors:
-        return SplitTensors(self.inputs.to(device), self.labels.to(device))
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device if isinstance(self.inputs, torch.Tensor) else torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return self.inputs.nbytes if isinstance(self.inputs, np.ndarray) else self.inputs.nelement() * self.inputs.element_size()
+
+    def to(self, device: torch.device, chunk: int = 1024) -> SplitTensors:
+        """The split held on ``device``, copied from a memory map in chunks so host memory stays bounded."""
+        if isinstance(self.inputs, torch.Tensor):
+            return SplitTensors(self.inputs.to(device), self.labels.to(device))
+        held = torch.empty(self.inputs.shape, dtype=torch.uint8, device=device)
+        for start in range(0, len(self), chunk):
+            held[start : start + chunk] = torch.from_numpy(np.array(self.inputs[start : start + chunk])).to(device)
+        return SplitTensors(held, self.labels.to(device))
 
 
 def load_tensors(processed_dir: Path, split: str, classes: list[str]) -> SplitTensors:
+    """A preprocessed split with its images memory-mapped (see :func:`~cxr.data.preprocess.load_split`)."""
     images, labels, _ = load_split(processed_dir, split, classes)
-    return SplitTensors(torch.from_numpy(images), torch.from_numpy(labels))
+    return SplitTensors(images, torch.from_numpy(labels))
 
 
-def pixel_stats(images: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
+def _chunks(images: Images, chunk: int) -> Iterator[torch.Tensor]:
+    """Consecutive blocks of ``images`` as tensors; only one block of a memory map is read at a time."""
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk]
+        yield torch.from_numpy(np.array(block)) if isinstance(block, np.ndarray) else block
+
+
+def pixel_stats(images: Images, chunk: int = 512) -> tuple[float, float]:
     """Mean and standard deviation of all pixels in [0, 1], computed in float64 chunks."""
     total, total_sq, count = 0.0, 0.0, 0
-    for start in range(0, len(images), chunk):
-        block = images[start : start + chunk].double().div(255)
+    for pixels in _chunks(images, chunk):
+        block = pixels.double().div(255)
         total, total_sq, count = total + block.sum().item(), total_sq + block.square().sum().item(), count + block.numel()
     mean = total / count
     return mean, math.sqrt(max(total_sq / count - mean**2, 1e-12))
-
-
 def model_args_for(approach: str, recipe: TrainParams, train_images: torch.Tensor, num_classes: int) -> dict[str, Any]:
     """The primitive arguments that rebuild the architecture (stored in the checkpoint)."""
     arch = REGISTRY[approach].arch
@@ -95,6 +118,7 @@ def model_args_for(approach: str, recipe: TrainParams, train_images: torch.Tenso
         "std": std,
         "width": recipe.width,
         "dropout": recipe.dropout,
+        "lung_box": recipe.lung_box if recipe.border == "hide" else 0.0,
     }
 
 
@@ -172,15 +196,15 @@ def compute_embeddings(model: Classifier, split: SplitTensors, batch_size: int, 
     for images, _ in iterate_batches(split.inputs, split.labels, batch_size):
         with autocast(device, amp):
             chunks.append(model.embed(to_input(images, device, memory_format)))
-    return SplitTensors(torch.cat(chunks).to(split.inputs.device), split.labels)
+    return SplitTensors(torch.cat(chunks).to(split.device), split.labels)
 
 
 def data_digest(*splits: SplitTensors) -> str:
     """A digest of the splits' pixels and labels: a run resumes only on the very data it started on."""
     digest = hashlib.blake2b(digest_size=16)
     for split in splits:
-        for tensor in (split.inputs, split.labels):
-            digest.update(tensor.cpu().contiguous().numpy().tobytes())
+        for block in itertools.chain(_chunks(split.inputs, 1024), [split.labels]):
+            digest.update(block.cpu().contiguous().numpy().data)
     return digest.hexdigest()
 
 
@@ -445,9 +469,9 @@ def _prepare(approach: str, params: Params, processed_dir: Path, device: torch.d
     image_size = int(train_split.inputs.shape[-1])
     fingerprint = run_fingerprint(approach, params, image_size, data_digest(train_split, val_split))
     resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
-    if device.type == "cuda":
-        # The uint8 split fits on the GPU (0.4 GB for 8,000 images at 224 px): batches are then
-        # sliced there and never cross the host-device bus during training.
+    if device.type == "cuda" and train_split.nbytes + val_split.nbytes <= runtime.gpu_data_gb * 2**30:
+        # Within the budget (0.4 GB for 8,000 images at 224 px) the splits move to the GPU once and
+        # batches never cross the host-device bus; larger ones stream from the memory map.
         train_split, val_split = train_split.to(device), val_split.to(device)
     model_args = model_args_for(approach, recipe, train_split.inputs, len(classes))
     needs_backbone = model_args["arch"] == "resnet18" and resumed is None  # resumed weights replace it
@@ -455,11 +479,11 @@ def _prepare(approach: str, params: Params, processed_dir: Path, device: torch.d
     memory_format = memory_format_of(runtime)
     model = build_model(**model_args, backbone_state=backbone).to(device, memory_format=memory_format)
     frozen = REGISTRY[approach].frozen_body
-    cached = frozen and recipe.cache_embeddings and not recipe.augment.enabled
+    cached = frozen and recipe.cache_embeddings and not recipe.augment.enabled and recipe.border != "erase"
     if frozen:
         model.freeze_body()
         log.info("%s: %s", approach, "caching the frozen body's embeddings once per split, then training the head on "
-                 "them" if cached else "the frozen body runs on every batch (augmentation on or cache_embeddings off)")
+                 "them" if cached else "the frozen body runs on every batch (augment, border erase or no cache)")
     if cached:
         train_split, val_split = (
             compute_embeddings(model, split, params.evaluate.batch_size, device, memory_format, runtime.amp)
@@ -524,8 +548,7 @@ def _fit(run: _Run, live_dir: Path, resume_path: Path | None) -> TrainingState:
     recipe, state, seed = run.recipe, run.state, run.params.train.seed
     train_loss = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
-    augments = recipe.augment.enabled and not run.cached
-    transform = (lambda x: augment_batch(x, recipe.augment, state.augment_rng)) if augments else None
+    transform = training_transform(recipe, state.augment_rng, pixels=not run.cached)
     per_rank = math.ceil(len(run.train_split) / distributed.world_size())
     main = distributed.is_main()
     with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) if main else nullcontext() as live:

@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from cxr.errors import PipelineError, first_line
+from cxr.lung_box import center_box
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,15 +27,27 @@ StateDictLoader = Callable[[], dict[str, torch.Tensor]]
 
 
 class InputNorm(nn.Module):
-    """Normalise 1-channel [0, 1] input and repeat it to the body's channel count."""
+    """Normalise 1-channel [0, 1] input and repeat it to the body's channel count.
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    With ``lung_box`` set (``border: hide``), everything outside the centred box of that
+    share of the side becomes 0, the normalised mean grey, so the model cannot read the
+    film around the lungs in training, evaluation or ``cxr-predict`` alike.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], lung_box: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.lung_box = lung_box
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
+        normed = (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
+        if not self.lung_box:
+            return normed
+        rows, cols = center_box(x.shape[-1], self.lung_box)
+        hidden = torch.zeros_like(normed)
+        hidden[..., rows, cols] = normed[..., rows, cols]
+        return hidden
 
 
 class Classifier(nn.Module):
@@ -130,8 +143,9 @@ def build_model(
     width: int = 32,
     dropout: float = 0.0,
     backbone_state: dict[str, torch.Tensor] | None = None,
+    lung_box: float = 0.0,
 ) -> Classifier:
-    """Build a classifier; ``backbone_state`` (ResNet only) initialises the body."""
+    """Build a classifier; ``backbone_state`` (ResNet only) initialises the body; ``lung_box`` > 0 hides the border."""
     if arch == "custom_cnn":
         body, features, cam_layer = custom_cnn_body(width), width * 8, "body.5"
     elif arch == "resnet18":
@@ -139,7 +153,7 @@ def build_model(
     else:
         raise PipelineError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHS)}")
     head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
-    return Classifier(InputNorm(mean, std), body, head, cam_layer)
+    return Classifier(InputNorm(mean, std, lung_box), body, head, cam_layer)
 
 
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
