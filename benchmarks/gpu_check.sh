@@ -2,7 +2,8 @@
 # One prepared check for a machine with a CUDA GPU (CPU work never depends on it):
 #   1. the test suite's device-relevant parts, which run on CUDA there (train.device: auto);
 #   2. a 1-epoch `dvc repro` of the whole pipeline at 224 px in bf16, then in fp16 (loss scaler);
-#   3. `train.deterministic: true` twice: the metrics must be identical;
+#   3. `train.deterministic: true` twice, and once streaming the splits (`train.gpu_data_gb: 0`):
+#      the metrics must be identical;
 #   4. training and evaluation images/s (benchmarks/bench.py on synthetic images).
 #
 # Usage: bash benchmarks/gpu_check.sh [DATA]   DATA: a Kaggle-layout zip or folder
@@ -88,6 +89,13 @@ for name in custom extract finetune ensemble; do
   cmp "$WORK/det-a/metrics/$name.json" "$WORK/det-b/metrics/$name.json"
 done
 echo "deterministic: metrics/*.json identical in both runs"
+project "$WORK/det-stream" "train.deterministic=true" "train.gpu_data_gb=0"
+(cd "$WORK/det-stream" && dvc repro >repro.log 2>&1) || { tail -40 "$WORK/det-stream/repro.log"; exit 1; }
+[ -n "${GPU_CHECK_ON_CPU:-}" ] || grep -q "streaming batches from the memory-mapped splits" "$WORK/det-stream/repro.log"
+for name in custom extract finetune ensemble; do
+  cmp "$WORK/det-a/metrics/$name.json" "$WORK/det-stream/metrics/$name.json"
+done
+echo "streamed through pinned memory (train.gpu_data_gb=0): the same metrics as the splits held on the GPU"
 
 echo "== 4. images/s"
 "$PY" benchmarks/bench.py --synthetic --image-size "$SIZE" --out "$WORK/bench.json" ${GPU_CHECK_BENCH_ARGS:-}

@@ -4,6 +4,8 @@ Its test score (in the shortcuts stage) is how much of the task can be solved wi
 the lungs: the data set's shortcut ceiling.
 """
 
+from functools import partial
+
 from cxr import paths
 from cxr.console import run
 from cxr.data.preprocess import load_split, save_split
@@ -18,7 +20,8 @@ def main() -> None:
     fill = neutral_grey(load_split(paths.PROCESSED, "train", classes)[0])
     for split in ("train", "val", "test"):
         images, _, rows = load_split(paths.PROCESSED, split, classes)
-        save_split(paths.PROBE_DATA, split, occluded(images, "center_hidden", audit.center_fraction, fill), rows)
+        save_split(paths.PROBE_DATA, split, images, rows,
+                   transform=partial(occluded, view="center_hidden", fraction=audit.center_fraction, fill=fill))
     recipe = params.train_custom.model_copy(update={"epochs": audit.probe_epochs, "border": "keep"})
     train_approach("custom", params.model_copy(update={"train_custom": recipe}), paths.PROBE_DATA,
                    paths.PROBE_MODEL, paths.live_dir("probe"), resume_path=paths.resume_file("probe"))

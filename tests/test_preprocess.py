@@ -199,3 +199,14 @@ def test_load_split_rejects_arrays_and_rows_that_disagree(tmp_path):
         load_split(tmp_path, "test", CLASSES)
 
     assert str(excinfo.value) == f"{tmp_path}: test.npy has 3 images but test.csv has 2 rows"
+
+
+def test_save_split_rewrites_a_memory_map_chunk_by_chunk_through_a_transform(tmp_path):
+    rows = pd.DataFrame({"path": list("abcde"), "label": ["NORMAL"] * 5, "patient": list("abcde")})
+    images = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4)
+    save_split(tmp_path / "a", "test", images, rows)
+    mapped, _, _ = load_split(tmp_path / "a", "test", CLASSES)
+
+    save_split(tmp_path / "b", "test", mapped, rows, transform=lambda block: 255 - block, chunk=2)
+
+    np.testing.assert_array_equal(np.load(tmp_path / "b" / "test.npy"), 255 - images)

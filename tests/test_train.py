@@ -165,6 +165,15 @@ def test_training_from_the_memory_map_equals_training_from_memory(processed, tmp
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
+def test_splits_over_the_gpu_data_budget_stay_memory_mapped_and_say_so(processed, caplog):
+    train, val = (load_tensors(processed, split, list(CLASSES)) for split in ("train", "val"))
+    with caplog.at_level("INFO"):
+        streamed, _ = loop._place_on_gpu("custom", train, val, torch.device("cpu"), budget_gb=0.0)
+    assert streamed.inputs is train.inputs and "streaming batches from the memory-mapped splits" in caplog.text
+    held, _ = loop._place_on_gpu("custom", train, val, torch.device("cpu"), budget_gb=1.0)
+    assert isinstance(held.inputs, torch.Tensor) and torch.equal(held.inputs, torch.from_numpy(np.array(train.inputs)))
+
+
 def test_finetune_trains_every_layer(processed, tmp_path):
     params = tiny_params(train_finetune={"epochs": 1})
     torch.manual_seed(params.train.seed)

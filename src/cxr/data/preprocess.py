@@ -9,7 +9,7 @@ split takes the same memory at 10,000 images as at 300,000.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -108,13 +108,26 @@ def preprocess_split(
     return outcome["kept"], outcome["skipped"].reset_index(drop=True)
 
 
-def save_split(out_dir: Path, split: str, images: np.ndarray, kept: pd.DataFrame) -> None:
-    """Write ``<split>.npy`` and ``<split>.csv`` via temporary names, so a kill leaves no half file."""
+def save_split(out_dir: Path, split: str, images: np.ndarray, kept: pd.DataFrame,
+               transform: Callable[[np.ndarray], np.ndarray] | None = None, chunk: int = 1024) -> None:
+    """Write ``<split>.npy`` and ``<split>.csv`` via temporary names, so a kill leaves no half file.
+
+    ``images`` (a memory map, say) is copied ``chunk`` images at a time, through ``transform``
+    when one is given, so a split larger than RAM can be rewritten too.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def write_array(tmp: Path) -> None:
-        with tmp.open("wb") as handle:
-            np.save(handle, images)
+        if len(images) == 0:
+            with tmp.open("wb") as handle:
+                np.save(handle, np.asarray(images, dtype=np.uint8))
+            return
+        target = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=images.shape)
+        for start in range(0, len(images), chunk):
+            block = np.asarray(images[start : start + chunk])
+            target[start : start + chunk] = transform(block) if transform else block
+        target.flush()
+        del target
 
     atomic_write(out_dir / f"{split}.npy", write_array)
     atomic_write(out_dir / f"{split}.csv", lambda tmp: kept.to_csv(tmp, index=False))

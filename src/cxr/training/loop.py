@@ -469,10 +469,8 @@ def _prepare(approach: str, params: Params, processed_dir: Path, device: torch.d
     image_size = int(train_split.inputs.shape[-1])
     fingerprint = run_fingerprint(approach, params, image_size, data_digest(train_split, val_split))
     resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
-    if device.type == "cuda" and train_split.nbytes + val_split.nbytes <= runtime.gpu_data_gb * 2**30:
-        # Within the budget (0.4 GB for 8,000 images at 224 px) the splits move to the GPU once and
-        # batches never cross the host-device bus; larger ones stream from the memory map.
-        train_split, val_split = train_split.to(device), val_split.to(device)
+    if device.type == "cuda":
+        train_split, val_split = _place_on_gpu(approach, train_split, val_split, device, runtime.gpu_data_gb)
     model_args = model_args_for(approach, recipe, train_split.inputs, len(classes))
     needs_backbone = model_args["arch"] == "resnet18" and resumed is None  # resumed weights replace it
     backbone = backbone_weights(recipe.weights, imagenet) if needs_backbone else None
@@ -497,6 +495,18 @@ def _prepare(approach: str, params: Params, processed_dir: Path, device: torch.d
     common = {"device": device, "amp": runtime.amp, "memory_format": memory_format, "progress": progress}
     return _Run(approach, params, device, train_split, val_split, model, step_model, eval_model, model_args,
                 image_size, cached, fingerprint, state, common)
+
+
+def _place_on_gpu(approach: str, train: SplitTensors, val: SplitTensors, device: torch.device, budget_gb: float,
+                  ) -> tuple[SplitTensors, SplitTensors]:
+    """Splits within the GPU data budget move there once (0.4 GB for 8,000 images at 224 px), so
+    batches never cross the host-device bus; larger ones stay memory-mapped and stream."""
+    size_gb = (train.nbytes + val.nbytes) / 2**30
+    if size_gb <= budget_gb:
+        return train.to(device), val.to(device)
+    log.info("%s: streaming batches from the memory-mapped splits (%.1f GB > train.gpu_data_gb %g)",
+             approach, size_gb, budget_gb)
+    return train, val
 
 
 def _training_modules(approach: str, model: Classifier, trained: nn.Module, params: Params, device: torch.device,
