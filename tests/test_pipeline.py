@@ -159,7 +159,7 @@ def test_bad_param_stops_the_stage_with_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: params.yaml: unknown key train_custom.optimiser; allowed keys in train_custom: "
         "epochs, batch_size, optimizer, lr, weight_decay, scheduler, patience, label_smoothing, weights, width, "
-        "dropout, cache_embeddings, ema_decay, augment"
+        "dropout, cache_embeddings, ema_decay, augment, border, lung_box"
     ]
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from cxr.approaches import ENSEMBLE
 from cxr.data.download import KaggleDownloader, find_data_root, install_source, kagglehub_download
 from cxr.data.images import is_candidate_image
-from cxr.data.preprocess import decode_all
+from cxr.data.preprocess import iter_decoded
 from cxr.errors import PipelineError
 from cxr.evaluation.inference import load_trained_model
 from cxr.evaluation.predictions import predictions_frame
@@ -151,7 +151,7 @@ def decode_set(folder: Path, listed: pd.DataFrame, sizes: Sequence[int], workers
     Unreadable files are skipped with their reason, as preprocess skips them; a file is kept only
     if it decodes at every size, so all models (and the ensemble) score the same images.
     """
-    results = {size: decode_all([folder / p for p in listed["path"]], size, workers, desc=f"{folder.name} {size}px")
+    results = {size: list(iter_decoded([folder / p for p in listed["path"]], size, workers, desc=f"{folder.name} {size}px"))
                for size in sizes}
     reasons = [next((r[i] for r in results.values() if isinstance(r[i], str)), None) for i in range(len(listed))]
     ok = np.array([reason is None for reason in reasons], dtype=bool)
