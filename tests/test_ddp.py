@@ -1,4 +1,4 @@
-"""The training stage under ``torchrun --nproc_per_node=2`` (gloo, CPU) against a single-process run.
+"""The training stage under ``torchrun --nproc_per_node=2`` (gloo, CPU) against a single-process run, and on two "nodes".
 
 The data-parallel run uses batch 8 per process, the single-process run batch 16: the same
 effective batch and the same number of steps. Their batches still differ (DistributedSampler
@@ -9,10 +9,12 @@ precision ``train.amp`` gives here).
 """
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -115,3 +117,31 @@ def test_ddp_logged_validation_equals_one_process_scoring_the_saved_weights(runs
     step, logged_loss = logged[checkpoint["epoch"]].split("\t")
     assert int(step) == checkpoint["epoch"] - 1
     assert float(logged_loss) == pytest.approx(scored.loss, abs=LOSS_ROUNDING)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_each_with_its_own_copy_of_the_memory_mapped_data_train_as_one_two_process_run(runs, tmp_path):
+    """``torchrun --nnodes=2`` as the README describes it, both "nodes" on this machine, each in its own folder."""
+    _, _, ddp, _ = runs
+    nodes = [make_project(tmp_path / f"node{rank}", batch_size=8) for rank in (0, 1)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+           "OMP_NUM_THREADS": "1"}
+    started = [subprocess.Popen([*launcher, f"--node_rank={rank}", str(ROOT / "stages" / "train.py"), "custom"],
+                                cwd=node, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for rank, node in enumerate(nodes)]
+    logs = [process.communicate(timeout=300)[1] for process in started]
+    assert [process.returncode for process in started] == [0, 0], logs
+    assert "DistributedDataParallel over 2 processes (gloo)" in logs[0]
+    assert written_files(nodes[0]) == OUTPUTS and written_files(nodes[1]) == set()  # only global rank 0 writes
+    mapped = load_tensors(nodes[1] / "data" / "processed", "train", list(CLASSES)).inputs
+    assert isinstance(mapped, np.memmap)
+    together, apart = (torch.load(folder / "models/custom.pt", weights_only=True)["model"] for folder in (ddp, nodes[0]))
+    assert all(torch.equal(together[key], apart[key]) for key in together)
