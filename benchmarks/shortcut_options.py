@@ -1,14 +1,14 @@
 """Choose the ``border`` training option on validation: intact and lungs-hidden scores per option.
 
-Trains the custom CNN once per ``train_custom.border`` option named (``keep``, ``erase``,
-``hide``) with the params' recipe otherwise unchanged, on the preprocessed data of a project,
+Trains the custom CNN once per ``train_custom.border`` option named (``keep``, ``hide``) with
+the params' recipe otherwise unchanged, on the preprocessed data of a project,
 then scores each model on validation and test as the shortcut audit does: intact, with the
 centred lung box hidden and with everything outside it hidden (test-time augmentation as in
 ``evaluate.tta``), next to chance. The option is chosen on the validation rows; the test rows
 are what it then scores. A model already at ``<out>/<option>/custom.pt`` is scored, not
 retrained, and a killed training resumes from ``custom.resume.pt``.
 
-``python benchmarks/shortcut_options.py --project PATH [--border keep erase hide] [--threads N]``
+``python benchmarks/shortcut_options.py --project PATH [--border keep hide] [--threads N]``
 writes ``<out>/scores.json`` and prints the table as markdown.
 """
 
@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import get_args
 
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -26,7 +27,7 @@ from cxr.data.preprocess import load_split
 from cxr.evaluation.inference import load_trained_model
 from cxr.evaluation.occlusion import VIEWS, chance_scores, class_probabilities, neutral_grey, occluded
 from cxr.evaluation.tta import ViewAveraged
-from cxr.params import Params, load_params
+from cxr.params import Border, Params, load_params
 from cxr.training.loop import train_approach
 from cxr.training.runtime import configure_host, select_device
 
@@ -83,7 +84,7 @@ def markdown(scores: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project", type=Path, default=Path("."), help="project root with data/processed and params.yaml")
-    parser.add_argument("--border", nargs="+", default=["keep", "erase", "hide"], choices=["keep", "erase", "hide"])
+    parser.add_argument("--border", nargs="+", default=list(get_args(Border)), choices=get_args(Border))
     parser.add_argument("--threads", type=int, help="override train.threads")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/shortcut_options"))
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Batched augmentation: the fast sampling grid, identity at zero strength, seeded and in range; border erasing."""
+"""Batched augmentation: the fast sampling grid, identity at zero strength, seeded and in range."""
 
 import math
 
@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr.lung_box import center_box
 from cxr.params import AugmentParams, TrainParams
-from cxr.training.augment import affine_grid, augment_batch, erase_border, random_affine, training_transform
+from cxr.training.augment import affine_grid, augment_batch, random_affine, training_transform
 
 NONE = AugmentParams(rotation_deg=0.0, scale=0.0, translate=0.0, brightness=0.0, contrast=0.0)
 
@@ -49,25 +48,9 @@ def test_each_image_gets_its_own_warp():
     assert len({tuple(image.flatten()[:50].tolist()) for image in warped}) == 8
 
 
-def test_border_erase_replaces_only_the_border_of_about_half_the_images():
-    x = torch.full((200, 1, 20, 20), 0.5)
-    erased = erase_border(x, 0.6, torch.Generator().manual_seed(0))
-    rows, cols = center_box(20, 0.6)
-    assert torch.equal(erased[..., rows, cols], x[..., rows, cols])
-    changed = (erased != x).flatten(1).any(1)
-    assert 70 < int(changed.sum()) < 130
-    border = torch.ones(20, 20, dtype=torch.bool)
-    border[rows, cols] = False
-    assert (erased[changed][..., border] != 0.5).float().mean() > 0.99
-    assert torch.equal(erased, erase_border(x, 0.6, torch.Generator().manual_seed(0)))
-
-
 def test_training_transform_follows_the_recipe():
-    recipe = TrainParams(augment=AugmentParams(enabled=False))
-    assert training_transform(recipe, torch.Generator(), pixels=True) is None
-    erasing = recipe.model_copy(update={"border": "erase"})
-    assert training_transform(erasing, torch.Generator(), pixels=False) is None
-    x = torch.full((64, 1, 10, 10), 0.5)
-    assert not torch.equal(training_transform(erasing, torch.Generator().manual_seed(0), pixels=True)(x), x)
-    hiding = recipe.model_copy(update={"border": "hide"})
-    assert training_transform(hiding, torch.Generator(), pixels=True) is None  # the model itself hides it
+    x = torch.full((4, 1, 10, 10), 0.5)
+    assert training_transform(TrainParams(augment=AugmentParams(enabled=False)), torch.Generator(), pixels=True) is None
+    assert training_transform(TrainParams(), torch.Generator(), pixels=False) is None  # cached embeddings
+    transform = training_transform(TrainParams(), torch.Generator().manual_seed(0), pixels=True)
+    assert torch.equal(transform(x), augment_batch(x, TrainParams().augment, torch.Generator().manual_seed(0)))

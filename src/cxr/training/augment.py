@@ -12,13 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cxr.lung_box import center_box
 from cxr.params import AugmentParams, TrainParams
 from cxr.training.engine import BatchTransform
-
-ERASE_PROBABILITY = 0.5
-"""Share of training images whose border ``border: erase`` replaces: the model still sees
-whole films half the time, as it will at test time."""
 
 
 def _uniform(n: int, spread: float, generator: torch.Generator) -> torch.Tensor:
@@ -77,34 +72,11 @@ def augment_batch(x: torch.Tensor, params: AugmentParams, generator: torch.Gener
     return random_intensity(random_affine(x, params, generator), params, generator)
 
 
-def erase_border(x: torch.Tensor, fraction: float, generator: torch.Generator,
-                 probability: float = ERASE_PROBABILITY) -> torch.Tensor:
-    """Replace the film outside the centred lung box with uniform noise, in a random share of the images.
-
-    Noise rather than grey: a constant border would itself become a recognisable pattern,
-    while noise drawn afresh every time carries nothing a model could learn, so whatever the
-    border tells about the hospital stops paying off in half of the training steps.
-    """
-    n = x.shape[0]
-    chosen = (torch.rand(n, generator=generator) < probability).view(n, 1, 1, 1).to(x.device)
-    noise = torch.rand(x.shape, generator=generator).to(x.device, x.dtype)
-    rows, cols = center_box(x.shape[-1], fraction)
-    inside = torch.zeros(x.shape[-2:], dtype=torch.bool, device=x.device)
-    inside[rows, cols] = True
-    return torch.where(chosen & ~inside, noise, x)
-
-
 def training_transform(recipe: TrainParams, generator: torch.Generator, pixels: bool) -> BatchTransform | None:
-    """What a training batch goes through before the model: augmentation, then ``border: erase``.
+    """What a training batch goes through before the model: the recipe's augmentation, if any.
 
     ``pixels`` is false when the batches are cached embeddings, which nothing can transform.
     """
-    augments, erases = pixels and recipe.augment.enabled, pixels and recipe.border == "erase"
-    if not augments and not erases:
+    if not pixels or not recipe.augment.enabled:
         return None
-
-    def transform(x: torch.Tensor) -> torch.Tensor:
-        x = augment_batch(x, recipe.augment, generator) if augments else x
-        return erase_border(x, recipe.lung_box, generator) if erases else x
-
-    return transform
+    return lambda x: augment_batch(x, recipe.augment, generator)

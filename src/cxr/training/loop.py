@@ -477,11 +477,11 @@ def _prepare(approach: str, params: Params, processed_dir: Path, device: torch.d
     memory_format = memory_format_of(runtime)
     model = build_model(**model_args, backbone_state=backbone).to(device, memory_format=memory_format)
     frozen = REGISTRY[approach].frozen_body
-    cached = frozen and recipe.cache_embeddings and not recipe.augment.enabled and recipe.border != "erase"
+    cached = frozen and recipe.cache_embeddings and not recipe.augment.enabled
     if frozen:
         model.freeze_body()
         log.info("%s: %s", approach, "caching the frozen body's embeddings once per split, then training the head on "
-                 "them" if cached else "the frozen body runs on every batch (augment, border erase or no cache)")
+                 "them" if cached else "the frozen body runs on every batch (augmentation on or cache_embeddings off)")
     if cached:
         train_split, val_split = (
             compute_embeddings(model, split, params.evaluate.batch_size, device, memory_format, runtime.amp)
