@@ -189,14 +189,22 @@ def compute_embeddings(model: Classifier, split: SplitTensors, batch_size: int, 
     run the body in, so both paths train the head on the same features. They are kept in
     the dtype the body returns (bf16 under bf16 autocast): the head's autocast would cast
     float32 copies straight back, and shuffling half the bytes every epoch is a large part
-    of a step that costs a fraction of a millisecond.
+    of a step that costs a fraction of a millisecond. Each batch's features go straight into
+    one preallocated tensor (1 KB per image in bf16), with no list of parts to concatenate.
     """
     model.eval()
-    chunks = []
+    features: torch.Tensor | None = None
+    start = 0
     for images, _ in iterate_batches(split.inputs, split.labels, batch_size):
         with autocast(device, amp):
-            chunks.append(model.embed(to_input(images, device, memory_format)))
-    return SplitTensors(torch.cat(chunks).to(split.device), split.labels)
+            batch = model.embed(to_input(images, device, memory_format))
+        if features is None:
+            features = torch.empty((len(split), *batch.shape[1:]), dtype=batch.dtype, device=split.device)
+        features[start : start + len(batch)] = batch
+        start += len(batch)
+    if features is None:
+        raise PipelineError("cannot compute embeddings of an empty split")
+    return SplitTensors(features, split.labels)
 
 
 def data_digest(*splits: SplitTensors) -> str:
