@@ -35,19 +35,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psutil
-import torch
 from PIL import Image
-from torch import nn
 
 from cxr.console import run
 from cxr.data.preprocess import preprocess_split
 from cxr.params import CLASSES, load_params
 from cxr.paths import METRICS
-from cxr.training.augment import training_transform
-from cxr.training.engine import batches_in_order, evaluate, iterate_batches, train_one_epoch
-from cxr.training.loop import load_tensors, make_optimizer
-from cxr.training.models import build_model
-from cxr.training.runtime import configure, memory_format_of
 
 DISTINCT_FILMS = 96
 FILM_SIDE = 256
@@ -80,14 +73,29 @@ def measure_preprocess(workdir: Path, image_size: int, workers: int) -> tuple[in
     return len(kept), time.perf_counter() - started
 
 
-def _model(params: Any, device: torch.device) -> nn.Module:
+def _model(params: Any, device: Any) -> Any:
+    from cxr.training.models import build_model
+    from cxr.training.runtime import memory_format_of
+
     model = build_model("custom_cnn", len(CLASSES), [0.5], [0.25], width=params.train_custom.width,
                         dropout=params.train_custom.dropout)
     return model.to(device, memory_format=memory_format_of(params.train))
 
 
 def measure_train(workdir: Path, steps: int, in_ram: bool) -> tuple[int, float]:
-    """``steps`` timed training steps (after two untimed ones) on batches of a shuffled order over the whole split."""
+    """``steps`` timed training steps (after two untimed ones) on batches of a shuffled order over the whole split.
+
+    torch is imported here, not at the top, so the preprocess measurement's processes hold only
+    what the preprocess stage imports.
+    """
+    import torch
+    from torch import nn
+
+    from cxr.training.augment import training_transform
+    from cxr.training.engine import batches_in_order, train_one_epoch
+    from cxr.training.loop import load_tensors, make_optimizer
+    from cxr.training.runtime import configure, memory_format_of
+
     params = load_params()
     device = configure(params.train)
     split = load_tensors(workdir / "processed", "train", list(CLASSES))
@@ -110,6 +118,13 @@ def measure_train(workdir: Path, steps: int, in_ram: bool) -> tuple[int, float]:
 
 
 def measure_evaluate(workdir: Path) -> tuple[int, float]:
+    """The whole split through the model in evaluation batches (torch imported here, as for training)."""
+    from torch import nn
+
+    from cxr.training.engine import evaluate, iterate_batches
+    from cxr.training.loop import load_tensors
+    from cxr.training.runtime import configure, memory_format_of
+
     params = load_params()
     device = configure(params.train)
     split = load_tensors(workdir / "processed", "train", list(CLASSES))
