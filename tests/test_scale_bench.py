@@ -14,7 +14,7 @@ def test_scale_benchmark_measures_each_stage_at_each_size(tmp_path):
     out = tmp_path / "scale.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--sizes", "400", "200", "--image-size", "32",
-         "--steps", "1", "--workers", "1", "--workdir", str(tmp_path), "--out", str(out)],
+         "--steps", "1", "--rounds", "2", "--workers", "1", "--workdir", str(tmp_path), "--out", str(out)],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
