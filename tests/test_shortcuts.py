@@ -22,7 +22,7 @@ from cxr.evaluation.occlusion import chance_scores, class_probabilities, neutral
 from cxr.lung_box import center_box
 from cxr.params import CLASSES, ShortcutsParams
 from cxr.reporting.shortcut_audit import shortcut_audit
-from cxr.reporting.shortcuts import retained_share, shortcuts_markdown, shortcuts_png
+from cxr.reporting.shortcuts import model_verdict, retained_share, shortcuts_markdown, shortcuts_png
 from cxr.training.loop import train_approach
 
 from test_train import tiny_params
@@ -138,3 +138,14 @@ def test_chance_and_retained_share():
     assert chance_scores(np.array([0, 0, 1, 2]), 3) == {"accuracy": 0.375, "f1_macro": pytest.approx(1 / 3)}
     assert retained_share(0.9, 0.5, 0.3) == pytest.approx(1 / 3)
     assert retained_share(0.3, 0.6, 0.3) == 0.0  # no skill to keep
+
+
+def test_a_model_that_fails_on_either_part_alone_is_not_said_to_read_the_lungs():
+    def scores(accuracy: float) -> dict:
+        return {"accuracy": {"value": accuracy}}
+
+    entry = {"intact": scores(0.955), "center_hidden": scores(0.617), "border_hidden": scores(0.319)}
+    verdict = model_verdict(entry, chance=0.335, flag_share=0.5)
+    assert not verdict["flagged"] and verdict["retained_share"] == pytest.approx(0.4548, abs=1e-4)
+    assert "cannot show that it reads the lungs" in verdict["reading"]
+    assert "relies mostly" not in verdict["reading"]

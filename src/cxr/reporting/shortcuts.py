@@ -60,9 +60,13 @@ def model_verdict(entry: dict[str, Any], chance: float, flag_share: float) -> di
         reading = (f"With the lung fields covered it still classifies {hidden:.0%} of films correctly "
                    f"(chance {chance:.0%}, intact {intact:.0%}): it decides largely from outside the lungs, "
                    "such as markers, borders or body size.")
-    else:
+    elif retained_share(intact, lungs_only, chance) > flag_share:
         reading = (f"Covering the lung fields drops it to {hidden:.0%} (chance {chance:.0%}), while the lungs "
                    f"alone give {lungs_only:.0%} of {intact:.0%}: it relies mostly on the lung fields.")
+    else:
+        reading = (f"Covering the lung fields drops it to {hidden:.0%} (chance {chance:.0%}), but the lungs alone "
+                   f"give only {lungs_only:.0%} of {intact:.0%}: it needs the film around them too, so this test "
+                   "cannot show that it reads the lungs.")
     return {**entry, "retained_share": share, "flagged": flagged, "reading": reading}
 
 
