@@ -58,22 +58,39 @@ class _Tally:
     logits: the item-weighted mean of the batches' losses, up to float rounding. Loss and
     softmax run classes-first (1 x C x N), along the long axis rather than the 3-wide rows,
     where the kernels vectorise.
+
+    The batches are copied into two buffers that double when full, rather than kept as a list
+    of small tensors: small blocks that live for the whole pass, scattered between the step's
+    large freed ones, would fragment the heap and grow memory with every batch of a long pass.
     """
 
     def __init__(self, loss_fn: nn.Module) -> None:
         self.loss_fn = loss_fn
-        self.labels: list[torch.Tensor] = []
-        self.logits: list[torch.Tensor] = []
+        self.count = 0
+        self.labels = torch.empty(0, dtype=torch.long)
+        self.logits = torch.empty(0, 0)
 
     def add(self, labels: torch.Tensor, logits: torch.Tensor) -> None:
-        self.labels.append(labels)
-        self.logits.append(logits)
+        end = self.count + len(labels)
+        if end > len(self.labels) or self.logits.dtype != logits.dtype or self.logits.device != logits.device:
+            self._grow(max(end, 2 * len(self.labels)), labels, logits)
+        self.labels[self.count : end] = labels
+        self.logits[self.count : end] = logits
+        self.count = end
+
+    def _grow(self, capacity: int, labels: torch.Tensor, logits: torch.Tensor) -> None:
+        grown_labels = labels.new_empty((capacity, *labels.shape[1:]))
+        grown_logits = logits.new_empty((capacity, *logits.shape[1:]))
+        if self.count:
+            grown_labels[: self.count] = self.labels[: self.count]
+            grown_logits[: self.count] = self.logits[: self.count]
+        self.labels, self.logits = grown_labels, grown_logits
 
     def result(self) -> EpochResult:
-        if not self.labels:
+        if not self.count:
             return EMPTY_RESULT
-        labels = torch.cat(self.labels)
-        logits = torch.cat(self.logits).float().t().unsqueeze(0).contiguous()
+        labels = self.labels[: self.count]
+        logits = self.logits[: self.count].float().t().unsqueeze(0).contiguous()
         loss = self.loss_fn(logits, labels.unsqueeze(0))
         probabilities = logits[0].softmax(0).t().cpu().numpy()
         return EpochResult(float(loss), labels.cpu().numpy(), np.ascontiguousarray(probabilities))
