@@ -67,21 +67,27 @@ def decode_into(array_path: Path, paths: Sequence[Path], size: int, workers: int
     return reasons
 
 
-def _keep_first_rows(array_path: Path, rows: int, chunk: int = 1024) -> None:
+def _keep_first_rows(array_path: Path, rows: int) -> None:
     """Rewrite ``array_path`` with only its first ``rows`` images, copied in chunks of bounded memory."""
-    source = np.load(array_path, mmap_mode="r")
     short = array_path.with_name(array_path.name + ".short")
-    if rows == 0:
-        with short.open("wb") as handle:
-            np.save(handle, np.zeros((0, *source.shape[1:]), np.uint8))
-    else:
-        target = open_memmap(short, mode="w+", dtype=np.uint8, shape=(rows, *source.shape[1:]))
-        for start in range(0, rows, chunk):
-            target[start : start + chunk] = source[start : min(rows, start + chunk)]
-        target.flush()
-        del target
-    del source
+    write_npy(short, np.load(array_path, mmap_mode="r")[:rows])
     short.replace(array_path)
+
+
+def write_npy(path: Path, images: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None,
+              chunk: int = 1024) -> None:
+    """Write ``images`` (a memory map, say) to the ``.npy`` file ``path``, ``chunk`` images at a time,
+    through ``transform`` when one is given, so an array larger than RAM can be rewritten."""
+    if len(images) == 0:
+        with path.open("wb") as handle:
+            np.save(handle, np.zeros(images.shape, np.uint8))
+        return
+    target = open_memmap(path, mode="w+", dtype=np.uint8, shape=images.shape)
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start : start + chunk])
+        target[start : start + chunk] = transform(block) if transform else block
+    target.flush()
+    del target
 
 
 def preprocess_split(
@@ -110,26 +116,10 @@ def preprocess_split(
 
 def save_split(out_dir: Path, split: str, images: np.ndarray, kept: pd.DataFrame,
                transform: Callable[[np.ndarray], np.ndarray] | None = None, chunk: int = 1024) -> None:
-    """Write ``<split>.npy`` and ``<split>.csv`` via temporary names, so a kill leaves no half file.
-
-    ``images`` (a memory map, say) is copied ``chunk`` images at a time, through ``transform``
-    when one is given, so a split larger than RAM can be rewritten too.
-    """
+    """Write ``<split>.npy`` (via :func:`write_npy`) and ``<split>.csv`` via temporary names, so a kill
+    leaves no half file."""
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def write_array(tmp: Path) -> None:
-        if len(images) == 0:
-            with tmp.open("wb") as handle:
-                np.save(handle, np.asarray(images, dtype=np.uint8))
-            return
-        target = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=images.shape)
-        for start in range(0, len(images), chunk):
-            block = np.asarray(images[start : start + chunk])
-            target[start : start + chunk] = transform(block) if transform else block
-        target.flush()
-        del target
-
-    atomic_write(out_dir / f"{split}.npy", write_array)
+    atomic_write(out_dir / f"{split}.npy", lambda tmp: write_npy(tmp, images, transform, chunk))
     atomic_write(out_dir / f"{split}.csv", lambda tmp: kept.to_csv(tmp, index=False))
 
 

@@ -76,8 +76,8 @@ class SplitTensors:
         if isinstance(self.inputs, torch.Tensor):
             return SplitTensors(self.inputs.to(device), self.labels.to(device))
         held = torch.empty(self.inputs.shape, dtype=torch.uint8, device=device)
-        for start in range(0, len(self), chunk):
-            held[start : start + chunk] = torch.from_numpy(np.array(self.inputs[start : start + chunk])).to(device)
+        for start, block in zip(range(0, len(self), chunk), _chunks(self.inputs, chunk)):
+            held[start : start + chunk] = block.to(device)
         return SplitTensors(held, self.labels.to(device))
 
 
