@@ -27,7 +27,6 @@ dropped), where 6 would cost 543 (6.7 %). Treat matches as candidates to look at
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +36,7 @@ import pandas as pd
 from PIL import Image
 
 from cxr.errors import PipelineError
+from cxr.parallel import ordered_map
 
 SPLIT_ORDER = ("train", "val", "test")
 SPLIT_PAIRS = ("train-val", "train-test", "val-test")
@@ -71,12 +71,8 @@ def hash_images(paths: Sequence[Path], workers: int = 1) -> HashResult:
     if workers < 1:
         raise PipelineError(f"audit workers must be at least 1, got {workers}")
     paths = [Path(path) for path in paths]
-    if workers == 1 or len(paths) < 2:
-        outcomes = [_hash_one(path) for path in paths]
-    else:
-        chunksize = max(1, len(paths) // (workers * 8))
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            outcomes = list(pool.map(_hash_one, paths, chunksize=chunksize))
+    chunk = max(1, min(64, len(paths) // (workers * 8)))
+    outcomes = ordered_map(_hash_one, paths, workers if len(paths) > 1 else 1, chunk)
     hashes = np.zeros(len(paths), dtype=np.uint64)
     ok = np.zeros(len(paths), dtype=bool)
     failures = []

@@ -9,8 +9,7 @@ split takes the same memory at 10,000 images as at 300,000.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from cxr.data.images import decode_grayscale
 from cxr.errors import ImageDecodeError, PipelineError
 from cxr.files import atomic_write
+from cxr.parallel import ordered_map
 
 
 def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
@@ -31,40 +31,43 @@ def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
         return str(err)
 
 
-def iter_decoded(paths: Sequence[Path], size: int, workers: int, desc: str = "decode") -> Iterator[np.ndarray | str]:
-    """Decode ``paths`` in order with ``workers`` processes, one image at a time; a failure becomes its reason."""
-    decode = partial(_decode_or_reason, size=size)
-    chunksize = max(1, min(64, len(paths) // (4 * workers) or 1))
-    progress = partial(tqdm, total=len(paths), desc=desc, unit="img", mininterval=2.0)
-    if workers == 1:
-        yield from progress(map(decode, paths))
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from progress(pool.map(decode, paths, chunksize=chunksize))
+def iter_decoded(paths: Iterable[Path], size: int, workers: int, desc: str = "decode",
+                 total: int | None = None) -> Iterator[np.ndarray | str]:
+    """Decode ``paths`` in order with ``workers`` processes, one image at a time; a failure becomes its reason.
 
-
-def decode_into(array_path: Path, paths: Sequence[Path], size: int, workers: int, desc: str = "decode") -> list[str | None]:
-    """Decode ``paths`` straight into the ``.npy`` file ``array_path``; returns each path's failure reason or None.
-
-    The file is preallocated for every path and memory-mapped, so memory stays one image
-    per worker whatever the number of images; decoded images are written in order, with no
-    hole where a file failed, and the file is cut down to the decoded ones at the end.
+    ``paths`` may be a generator (give ``total`` for the progress bar): it is read only as
+    images are taken, so memory stays bounded however many files there are.
     """
-    reasons: list[str | None] = []
+    total = len(paths) if total is None and isinstance(paths, Sized) else total
+    chunk = max(1, min(64, (total or 0) // (4 * workers) or 1))
+    decoded = ordered_map(partial(_decode_or_reason, size=size), paths, workers, chunk)
+    yield from tqdm(decoded, total=total, desc=desc, unit="img", mininterval=2.0)
+
+
+def decode_into(array_path: Path, paths: Iterable[Path], total: int, size: int, workers: int,
+                desc: str = "decode") -> dict[int, str]:
+    """Decode the ``total`` files of ``paths`` straight into the ``.npy`` file ``array_path``.
+
+    Returns the failures only, ``{position in paths: reason}``, so that a clean run of any
+    size keeps nothing per image. The file is preallocated for every path and memory-mapped,
+    so memory stays a few images per worker whatever the number of images; decoded images
+    are written in order, with no hole where a file failed, and the file is cut down to the
+    decoded ones at the end.
+    """
+    failures: dict[int, str] = {}
     kept = 0
-    images = open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(max(1, len(paths)), size, size))
-    for result in iter_decoded(paths, size, workers, desc):
+    images = open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(max(1, total), size, size))
+    for index, result in enumerate(iter_decoded(paths, size, workers, desc, total)):
         if isinstance(result, str):
-            reasons.append(result)
+            failures[index] = result
         else:
             images[kept] = result
             kept += 1
-            reasons.append(None)
     images.flush()
     del images
-    if kept < max(1, len(paths)):
+    if kept < max(1, total):
         _keep_first_rows(array_path, kept)
-    return reasons
+    return failures
 
 
 def _keep_first_rows(array_path: Path, rows: int) -> None:
@@ -101,10 +104,11 @@ def preprocess_split(
     outcome: dict[str, pd.DataFrame] = {}
 
     def write_array(tmp: Path) -> None:
-        reasons = decode_into(tmp, [root / p for p in frame["path"]], size, workers, desc=split)
-        ok = np.array([reason is None for reason in reasons], dtype=bool)
+        failures = decode_into(tmp, (root / path for path in frame["path"]), len(frame), size, workers, desc=split)
+        ok = np.ones(len(frame), dtype=bool)
+        ok[list(failures)] = False
         outcome["kept"] = frame[ok].reset_index(drop=True)
-        outcome["skipped"] = frame[~ok].assign(split=split, reason=[r for r in reasons if r is not None])
+        outcome["skipped"] = frame[~ok].assign(split=split, reason=list(failures.values()))
         missing = [label for label in classes if not (outcome["kept"]["label"] == label).any()]
         if missing:
             raise PipelineError(f"split {split!r} has no readable image of class {missing[0]} after skipping unreadable files")
