@@ -39,7 +39,7 @@ def iter_decoded(paths: Iterable[Path], size: int, workers: int, desc: str = "de
     images are taken, so memory stays bounded however many files there are.
     """
     total = len(paths) if total is None and isinstance(paths, Sized) else total
-    chunk = max(1, min(64, (total or 0) // (4 * workers) or 1))
+    chunk = max(1, min(64, (total or 0) // (4 * workers)))
     decoded = ordered_map(partial(_decode_or_reason, size=size), paths, workers, chunk)
     yield from tqdm(decoded, total=total, desc=desc, unit="img", mininterval=2.0)
 
