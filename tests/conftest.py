@@ -57,8 +57,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse non-loopback connections in this process; fail the test if any process it started tried one."""
-    guarded(monkeypatch.setattr, record=False)
+    """Refuse non-loopback connections in this process; fail the test if it, or any process it started, tried one."""
+    guarded(monkeypatch.setattr)
     log = Path(os.environ[LOG_VARIABLE])
     seen = log.stat().st_size
     yield

@@ -1,4 +1,9 @@
-"""No test reaches the network: not the test process, nor dvc, torchrun or the stage scripts it starts."""
+"""No test reaches the network: not the test process, nor dvc, torchrun or the stage scripts it starts.
+
+Two layers: the Python guard (every process that imports ``sitecustomize``) and, under
+``make test``, a network namespace with only loopback (``tests/offline/isolated``) that also
+holds for ``python -I``, a cleaned environment and non-Python children.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from network_guard import LOG_VARIABLE, NetworkAccessError
 from test_pipeline import _env, make_project
 
 REACH_OUT = "import socket; socket.create_connection(('example.com', 443), timeout=5)"
+ISOLATED = Path(__file__).resolve().parent / "offline" / "isolated"
+# A documentation address (RFC 5737), reached through the C socket module, which no guard patches.
+RAW_CONNECT = "import _socket; s = _socket.socket(); s.settimeout(3); s.connect(('192.0.2.1', 80))"
 
 
 @pytest.fixture
@@ -27,11 +35,32 @@ def own_log(tmp_path, monkeypatch) -> Path:
     return log
 
 
-def test_this_process_cannot_connect_beyond_loopback():
+def test_this_process_cannot_connect_beyond_loopback_and_its_attempts_are_logged(own_log):
     with socket.socket() as sock, pytest.raises(NetworkAccessError):
         sock.connect(("192.0.2.1", 80))
     with pytest.raises(NetworkAccessError):
         socket.getaddrinfo("www.kaggle.com", 443)
+
+    assert [line.split(" (pid")[0] for line in own_log.read_text().splitlines()] == [
+        "test tried to reach the network: connect ('192.0.2.1', 80)",
+        "test tried to reach the network: resolve 'www.kaggle.com'",
+    ]
+
+
+@pytest.mark.parametrize("call", [
+    lambda: socket.gethostbyname("www.kaggle.com"),
+    lambda: socket.gethostbyname_ex("www.kaggle.com"),
+    lambda: socket.gethostbyaddr("192.0.2.1"),
+    lambda: socket.getnameinfo(("192.0.2.1", 80), 0),
+], ids=["gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"])
+def test_every_name_lookup_is_refused(own_log, call):
+    with pytest.raises(NetworkAccessError):
+        call()
+    assert len(own_log.read_text().splitlines()) == 1
+
+
+def test_local_name_lookups_stay_allowed():
+    assert socket.gethostbyname("localhost") == "127.0.0.1"
 
 
 def test_loopback_stays_allowed():
@@ -71,3 +100,30 @@ def test_a_stage_script_started_by_dvc_is_guarded_even_when_it_catches_the_error
     assert done.returncode != 0
     attempts = own_log.read_text()
     assert "example.com" in attempts and "stages/download.py" in attempts
+
+
+def _namespaces_allowed() -> bool:
+    probe = subprocess.run([str(ISOLATED), "true"], capture_output=True, text=True)
+    return probe.returncode == 0 and "no network namespace" not in probe.stderr
+
+
+@pytest.mark.skipif(not _namespaces_allowed(), reason="no network namespaces here: the Python guard alone applies")
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-I", "-c", RAW_CONNECT],
+    ["env", "-i", sys.executable, "-c", RAW_CONNECT],
+    ["bash", "-c", "exec 3<>/dev/tcp/192.0.2.1/80"],
+], ids=["python -I", "cleaned environment", "non-Python child"])
+def test_the_namespace_cuts_what_the_python_guard_cannot_see(command):
+    done = subprocess.run([str(ISOLATED), *command], capture_output=True, text=True, timeout=30)
+
+    assert done.returncode != 0
+    assert "Network is unreachable" in done.stderr
+
+
+@pytest.mark.skipif(not _namespaces_allowed(), reason="no network namespaces here: the Python guard alone applies")
+def test_the_namespace_keeps_loopback():
+    serve_and_connect = ("import socket; s = socket.create_server(('127.0.0.1', 0)); "
+                         "socket.create_connection(s.getsockname(), timeout=5); print('ok')")
+    done = subprocess.run([str(ISOLATED), sys.executable, "-c", serve_and_connect], capture_output=True, text=True)
+
+    assert (done.returncode, done.stdout) == (0, "ok\n")
