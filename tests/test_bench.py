@@ -32,6 +32,7 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.mark.slow
 def test_bench_reports_every_approach_with_positive_rates(bench, one_thread, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--image-size", "32", "--steps", "2", "--repeats", "1", "--min-seconds", "0", "--decode-files", "3",
@@ -50,7 +51,11 @@ def test_bench_reports_every_approach_with_positive_rates(bench, one_thread, tmp
         assert rates and all(rate > 0 for rate in rates), row
     trained = [row for row in rows if "ceiling" in row]
     assert len(trained) == 4 and all({"pipeline", "ceiling", "eval", "ratio"} <= row.keys() for row in trained)
-    assert "ceiling img/s" in capsys.readouterr().out
+    decode = next(row for row in rows if row["approach"] == "preprocess")
+    assert decode["files"] == 3 and decode["startup_s"] > 0 and decode["steady"] > 0
+    printed = capsys.readouterr().out
+    assert "ceiling img/s" in printed
+    assert f"preprocess: worker start-up {decode['startup_s']:.2f} s (once per split)" in printed
 
 
 def test_rounds_run_the_same_steps_stretched_to_min_seconds(bench, monkeypatch):
