@@ -12,7 +12,7 @@ from cxr.reporting.external import external_markdown
 from cxr.reporting.figures import confusion_png, reliability_png, roc_pr_png, write_curve_tables
 from cxr.reporting.scores import classification_metrics
 from cxr.reporting.shortcuts import shortcuts_markdown
-from cxr.reporting.subgroups import load_groups, subgroup_report, subgroups_markdown
+from cxr.reporting.subgroups import load_groups, log_matches, subgroup_report, subgroups_markdown
 from cxr.reporting.tables import bar_chart, report_markdown, summary_markdown, summary_table
 
 
@@ -46,8 +46,9 @@ def main() -> None:
     grouping = params.evaluate.groups
     subgroups = {}
     if grouping is not None:
-        subgroups = subgroup_report(test, load_groups(grouping), classes, settings.bootstrap_resamples,
-                                    settings.bootstrap_seed)
+        groups = load_groups(grouping)
+        log_matches(grouping, groups, test[ENSEMBLE]["path"])
+        subgroups = subgroup_report(test, groups, classes, settings.bootstrap_resamples, settings.bootstrap_seed)
         summary += "\n" + subgroups_markdown(subgroups, classes, grouping.group_column)
     write_json(paths.SUBGROUPS_JSON, subgroups)
     summary += "\n" + external_markdown(paths.EXTERNAL_MD)

@@ -5,7 +5,9 @@ ensemble weights on them, never on the test set. Approaches listed in ``evaluate
 scored on both splits with test-time augmentation; Grad-CAM shows, on the image as it is,
 why the model favours the class those predictions give. Scores are computed in full fp32
 whatever ``train.amp`` says, so a test result does not depend on the device's precision;
-threads, memory reuse and layout come from ``train`` (speed only).
+threads, memory reuse and layout come from ``train`` (speed only). The ``evaluate.groups`` CSV,
+when set, is checked here, where it is first used, and its match rate against the test
+images logged, rather than only in compare, the last stage.
 """
 
 import argparse
@@ -20,6 +22,7 @@ from cxr.files import atomic_write, write_json
 from cxr.params import load_params
 from cxr.reporting.figures import confusion_png
 from cxr.reporting.scores import classification_metrics
+from cxr.reporting.subgroups import load_groups, log_matches
 from cxr.training.runtime import configure_host, memory_format_of, select_device
 
 
@@ -28,7 +31,8 @@ def main() -> None:
     parser.add_argument("approach", choices=APPROACHES)
     approach = parser.parse_args().approach
     params = load_params()
-    classes = params.data.classes
+    classes, grouping = params.data.classes, params.evaluate.groups
+    groups = None if grouping is None else load_groups(grouping)  # a broken CSV stops here, before any scoring
     configure_host(params.train)
     device, layout = select_device(params.train.device), memory_format_of(params.train)
     model, checkpoint = load_trained_model(paths.model_file(approach), classes, device, layout)
@@ -37,6 +41,8 @@ def main() -> None:
                "batch_size": params.evaluate.batch_size, "device": device, "memory_format": layout}
     val = predict_split(split="val", **predict)
     test = predict_split(split="test", **predict)
+    if groups is not None:
+        log_matches(grouping, groups, test.table["path"])
 
     atomic_write(paths.val_predictions_file(approach), lambda tmp: val.table.to_csv(tmp, index=False))
     atomic_write(paths.predictions_file(approach), lambda tmp: test.table.to_csv(tmp, index=False))

@@ -94,7 +94,8 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     args = {"arch": "custom_cnn", "num_classes": 3, "mean": [0.4], "std": [0.2], "width": 8, "dropout": 0.1}
     model = build_model(**args).eval()
     path = tmp_path / "model.pt"
-    torch.save({"model": model.state_dict(), "model_args": args, "approach": "custom", "classes": ["A"]}, path)
+    torch.save({"model": model.state_dict(), "model_args": args, "approach": "custom", "classes": ["A"],
+                "image_size": 32}, path)
     restored = model_from_checkpoint(load_checkpoint(path))
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(model(x), restored(x))
@@ -126,7 +127,8 @@ def test_the_lung_box_travels_in_the_checkpoint(tmp_path):
     args = {"arch": "custom_cnn", "num_classes": 3, "mean": [0.4], "std": [0.2], "width": 8, "dropout": 0.1,
             "lung_box": 0.5}
     model = build_model(**args).eval()
-    torch.save({"model": model.state_dict(), "model_args": args}, tmp_path / "model.pt")
+    torch.save({"model": model.state_dict(), "model_args": args, "approach": "custom", "classes": ["A"],
+                "image_size": 32}, tmp_path / "model.pt")
     restored = model_from_checkpoint(load_checkpoint(tmp_path / "model.pt"))
     assert restored.norm.lung_box == 0.5
     x = torch.rand(2, 1, 32, 32)

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from cxr.approaches import APPROACHES, REGISTRY
-from cxr.errors import PipelineError
+from cxr.errors import PipelineError, first_line
 
 Optimizer = Literal["adamw", "sgd"]
 Scheduler = Literal["onecycle", "cosine", "none"]
@@ -23,7 +23,8 @@ AmpDtype = Literal["none", "bf16", "fp16"]
 Border = Literal["keep", "hide"]
 CLASSES = ("COVID19", "NORMAL", "PNEUMONIA")
 OPTIMIZERS, SCHEDULERS, DEVICES, AMP_DTYPES = (get_args(choice) for choice in (Optimizer, Scheduler, Device, AmpDtype))
-MIN_IMAGE_SIZE = 32
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+MAX_SEED = 2**32 - 1  # numpy's seeds are unsigned 32-bit integers
 
 
 def _yaml_float(value: Any) -> Any:
@@ -35,6 +36,7 @@ def _yaml_float(value: Any) -> Any:
 
 
 Number = Annotated[float, BeforeValidator(_yaml_float)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class _Section(BaseModel):
@@ -56,7 +58,7 @@ class DataParams(_Section):
 
 class SplitParams(_Section):
     val_fraction: Number = Field(0.15, gt=0.0, le=0.5)
-    seed: int = 42
+    seed: Seed = 42
     dedupe: bool = False
 
 
@@ -68,14 +70,14 @@ class AuditParams(_Section):
 
 
 class PreprocessParams(_Section):
-    image_size: int = Field(224, ge=MIN_IMAGE_SIZE, le=1024)
+    image_size: int = Field(224, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
     workers: int = Field(2, ge=1, le=256)
 
 
 class RuntimeParams(_Section):
     """Settings shared by every training stage: they change speed, not the experiment."""
 
-    seed: int = 42
+    seed: Seed = 42
     device: Device = "auto"
     threads: int = Field(0, ge=0, le=1024)
     amp: AmpDtype = "bf16"
@@ -147,7 +149,7 @@ class CompareParams(_Section):
     """Uncertainty and ensemble settings of the comparison."""
 
     bootstrap_resamples: int = Field(1000, ge=10, le=100_000)
-    bootstrap_seed: int = 42
+    bootstrap_seed: Seed = 42
     alpha: Number = Field(0.05, gt=0.0, le=0.5)
     ensemble_weights: Literal["equal", "val_f1"] = "equal"
     temperature_scaling: bool = True
@@ -252,11 +254,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``; every problem is a one-line :class:`PipelineError`."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"params file not found: {path}") from None
+    except IsADirectoryError:
+        raise PipelineError(f"{path} is a folder, not a file") from None
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise PipelineError(f"cannot read {path}: {err.strerror or first_line(err)}") from None
     except yaml.YAMLError as err:
-        raise PipelineError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise PipelineError(f"{path} is not valid YAML: {first_line(err)}") from None
     return parse_params(raw or {})
 
 

@@ -153,19 +153,13 @@ def predict_files(
 
 
 def checkpoint_classes(checkpoint: dict[str, Any]) -> list[str]:
-    """The class names, in the order of the model's outputs."""
-    classes = checkpoint.get("classes")
-    if not isinstance(classes, (list, tuple)) or not classes:
-        raise PipelineError("the checkpoint has no list of class names ('classes'); retrain it with this pipeline")
-    return [str(name) for name in classes]
+    """The class names, in the order of the model's outputs (checked by :func:`load_checkpoint`)."""
+    return checkpoint["classes"]
 
 
 def checkpoint_image_size(checkpoint: dict[str, Any]) -> int:
-    """The square input size the model was trained on."""
-    size = checkpoint.get("image_size")
-    if not isinstance(size, int) or size < 1:
-        raise PipelineError("the checkpoint has no valid 'image_size'; retrain it with this pipeline")
-    return size
+    """The square input size the model was trained on (checked by :func:`load_checkpoint`)."""
+    return checkpoint["image_size"]
 
 
 def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
@@ -175,8 +169,6 @@ def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, A
     channel is laid out the same either way), which CPU kernels run faster in fp32.
     """
     checkpoint = load_checkpoint(path)
-    checkpoint_classes(checkpoint)
-    checkpoint_image_size(checkpoint)
     return model_from_checkpoint(checkpoint, str(path)).to(device, memory_format=torch.channels_last), checkpoint
 
 

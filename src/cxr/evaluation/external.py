@@ -178,13 +178,13 @@ def load_scorers(
     scorers = {}
     for approach, path in model_files.items():
         model, checkpoint = load_trained_model(path, classes, device, memory_format)
-        scorers[approach] = Scorer(ViewAveraged(model) if approach in tta else model, int(checkpoint["image_size"]))
+        scorers[approach] = Scorer(ViewAveraged(model) if approach in tta else model, checkpoint["image_size"])
     return scorers
 
 
 def image_sizes(model_files: Mapping[str, Path]) -> list[int]:
     """The image sides the checkpoints were trained at, read before any model is built (decoding forks workers)."""
-    return sorted({int(load_checkpoint(path)["image_size"]) for path in model_files.values()})
+    return sorted({load_checkpoint(path)["image_size"] for path in model_files.values()})
 
 
 def predict_images(

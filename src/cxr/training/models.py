@@ -19,11 +19,14 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 from cxr.errors import PipelineError, first_line
 from cxr.lung_box import center_box
+from cxr.params import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ("custom_cnn", "resnet18")
 StateDictLoader = Callable[[], dict[str, torch.Tensor]]
+_PLAIN = (bool, int, float, str, type(None))
+CHECKPOINT_KEYS = ("model", "model_args", "classes", "image_size", "approach")  # what the consumers read
 
 
 class InputNorm(nn.Module):
@@ -192,25 +195,83 @@ def backbone_weights(weights: str, imagenet: StateDictLoader = imagenet_state_di
     return load_state_dict_file(Path(weights))
 
 
+def _describe(value: Any) -> str:
+    """A value as an error message shows it: short plain values as written, anything else by its type."""
+    items, text = value if isinstance(value, (list, tuple)) else [value], repr(value)
+    return text if all(isinstance(item, _PLAIN) for item in items) and len(text) <= 40 else type(value).__name__
+
+
+def _checkpoint_problem(checkpoint: dict[str, Any]) -> str | None:
+    """What is wrong with a loaded checkpoint's keys, naming the first bad key; ``None`` when it is usable."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        return f"is not a checkpoint written by this pipeline (no {missing[0]!r} key)"
+    model, args, classes, size = (checkpoint[key] for key in ("model", "model_args", "classes", "image_size"))
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        return f"checkpoint key 'model' must be a state_dict of named tensors, got {_describe(model)}"
+    if not isinstance(args, dict) or not all(isinstance(key, str) for key in args):
+        return f"checkpoint key 'model_args' must be a mapping of build_model arguments, got {_describe(args)}"
+    if not isinstance(classes, list) or not classes or not all(isinstance(name, str) for name in classes):
+        return f"checkpoint key 'classes' must be a non-empty list of class names, got {_describe(classes)}"
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        return (f"checkpoint key 'image_size' must be a whole number of pixels from {MIN_IMAGE_SIZE} to "
+                f"{MAX_IMAGE_SIZE}, got {_describe(size)}")
+    if not isinstance(checkpoint["approach"], str):
+        return f"checkpoint key 'approach' must be a string, got {_describe(checkpoint['approach'])}"
+    return None
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str | None:
+    """The first parameter where saved weights and the built model differ (with shapes), and how many differ."""
+    problems = [
+        f"{key} missing from the checkpoint (model {list(tensor.shape)})" if key not in saved
+        else f"{key}: checkpoint {list(saved[key].shape)}, model {list(tensor.shape)}"
+        for key, tensor in expected.items() if key not in saved or saved[key].shape != tensor.shape
+    ] + [f"{key} is in the checkpoint but not in the model" for key in saved if key not in expected]
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
 def model_from_checkpoint(checkpoint: dict[str, Any], source: str = "checkpoint") -> Classifier:
-    """Rebuild a trained model from a plain-dict checkpoint (``torch.load(weights_only=True)``)."""
+    """Rebuild a trained model from a checkpoint validated by :func:`load_checkpoint`.
+
+    A mismatch names the first differing parameter and both shapes, so a user can tell a
+    wrong ``model_args`` (width, architecture) from a file of another model.
+    """
     try:
         model = build_model(**checkpoint["model_args"])
+    except (PipelineError, TypeError, ValueError, RuntimeError) as err:
+        raise PipelineError(f"{source}: checkpoint key 'model_args' does not describe a model ({first_line(err)})") from None
+    mismatch = _state_mismatch(model.state_dict(), checkpoint["model"])
+    if mismatch:
+        raise PipelineError(f"{source}: the weights do not match the model its model_args describe: {mismatch}")
+    try:
         model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, KeyError, ValueError) as err:
-        raise PipelineError(f"{source}: the weights do not match the model description ({first_line(err)})") from None
+    except RuntimeError as err:
+        raise PipelineError(f"{source}: the weights do not match the model its model_args describe ({first_line(err)})") from None
     return model.eval()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by the training stage, with a clear error if it is not one."""
+    """Load and validate a checkpoint written by the training stage: the one place its keys are checked.
+
+    Every consumer (evaluate, shortcuts, external, ``cxr-predict``) reads ``model``,
+    ``model_args``, ``classes``, ``image_size`` and ``approach`` from what this returns, so a
+    hand-made or truncated file stops here with one line naming the file and the key.
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"model file not found: {path}")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{path} is not a model checkpoint: the file is empty")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure here means the file is not a checkpoint of ours
-        raise PipelineError(f"{path} is not a model checkpoint: {str(err).splitlines()[0]}") from None
-    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
-        raise PipelineError(f"{path} is not a checkpoint written by this pipeline (no model_args/model)")
+        raise PipelineError(f"{path} is not a model checkpoint: {first_line(err)}") from None
+    if not isinstance(checkpoint, dict):
+        raise PipelineError(f"{path} is not a checkpoint written by this pipeline (it holds a {type(checkpoint).__name__})")
+    problem = _checkpoint_problem(checkpoint)
+    if problem:
+        raise PipelineError(f"{path} {problem}" if problem.startswith("is not") else f"{path}: {problem}")
     return checkpoint
