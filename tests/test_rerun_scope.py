@@ -64,6 +64,9 @@ EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
     "evaluate.tta": (["custom", "extract"], EVALUATE | {"shortcuts", "external", "compare"}),
     # Only the Grad-CAM gallery changes: predictions are byte-identical, so compare must not rerun.
     "evaluate.gradcam_per_class": (2, EVALUATE),
+    # The evaluate stages check the groups CSV and log its match rate (outputs byte-identical, so external
+    # stays put); compare writes the subgroup report. The project fixture writes groups.csv.
+    "evaluate.groups": ({"csv": "groups.csv"}, EVALUATE | {"compare"}),
     # The probe's length retrains only the probe; the audit and the report follow.
     "shortcuts.probe_epochs": (2, frozenset({"train_probe", "shortcuts", "compare"})),
     # A verdict threshold: the audit reruns (its readings may change), no model is retrained.
@@ -96,6 +99,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp_path = tmp_path_factory.mktemp("rerun_scope")
     source = make_kaggle_tree(tmp_path / "images", per_class=8, size=40).parent
     project = make_project(tmp_path, source, image_size=32, epochs=1)
+    test_images = sorted((source / "Data" / "test").rglob("*.jp*g"))
+    (project / "groups.csv").write_text("file,source_repo\n" + "".join(
+        f"{path.relative_to(source).as_posix()},{path.parent.name}\n" for path in test_images))
     first = sh(project, "dvc", "repro")
     assert ran_stages(first) == ALL_STAGES, first[-3000:]
     return project
