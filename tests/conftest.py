@@ -69,6 +69,15 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         pytest.fail(f"a process started by this test tried to reach the network:\n{attempts}")
 
 
+@pytest.fixture
+def own_network_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A log of refused attempts for one test alone: a test that goes offline on purpose reads its own."""
+    log = tmp_path / "network.log"
+    log.touch()
+    monkeypatch.setenv(LOG_VARIABLE, str(log))
+    return log
+
+
 def _file_name(label: str, index: int, split: str) -> str:
     """Kermany-like names: PNEUMONIA images come two per patient (``personN_bacteria_M``), others are single."""
     if label == "PNEUMONIA":

@@ -67,7 +67,7 @@ def test_missing_or_wrong_weights_file_is_a_clear_error(tmp_path):
         build_model("resnet18", 3, IMAGENET_MEAN, IMAGENET_STD, backbone_state=backbone_weights(str(wrong)))
 
 
-def test_offline_imagenet_weights_stop_with_the_param_to_change(tmp_path, monkeypatch):
+def test_offline_imagenet_weights_stop_with_the_param_to_change(tmp_path, monkeypatch, own_network_log):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     def refuse(*args, **kwargs):
@@ -79,6 +79,7 @@ def test_offline_imagenet_weights_stop_with_the_param_to_change(tmp_path, monkey
     message = str(excinfo.value)
     assert "\n" not in message
     assert "ImageNet weights" in message and ".weights" in message and "none" in message
+    assert "download.pytorch.org" in own_network_log.read_text()  # the real download was tried, and refused
 
 
 def test_frozen_body_stays_in_eval_mode_while_training_the_head():

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import make_kaggle_tree
-from network_guard import LOG_VARIABLE, NetworkAccessError
+from network_guard import NetworkAccessError
 from test_pipeline import _env, make_project
 
 REACH_OUT = "import socket; socket.create_connection(('example.com', 443), timeout=5)"
@@ -26,22 +26,13 @@ ISOLATED = Path(__file__).resolve().parent / "offline" / "isolated"
 RAW_CONNECT = "import _socket; s = _socket.socket(); s.settimeout(3); s.connect(('192.0.2.1', 80))"
 
 
-@pytest.fixture
-def own_log(tmp_path, monkeypatch) -> Path:
-    """A log of refused attempts for this test alone: its attempts are on purpose, not a leak to report."""
-    log = tmp_path / "network.log"
-    log.touch()
-    monkeypatch.setenv(LOG_VARIABLE, str(log))
-    return log
-
-
-def test_this_process_cannot_connect_beyond_loopback_and_its_attempts_are_logged(own_log):
+def test_this_process_cannot_connect_beyond_loopback_and_its_attempts_are_logged(own_network_log):
     with socket.socket() as sock, pytest.raises(NetworkAccessError):
         sock.connect(("192.0.2.1", 80))
     with pytest.raises(NetworkAccessError):
         socket.getaddrinfo("www.kaggle.com", 443)
 
-    assert [line.split(" (pid")[0] for line in own_log.read_text().splitlines()] == [
+    assert [line.split(" (pid")[0] for line in own_network_log.read_text().splitlines()] == [
         "test tried to reach the network: connect ('192.0.2.1', 80)",
         "test tried to reach the network: resolve 'www.kaggle.com'",
     ]
@@ -53,10 +44,10 @@ def test_this_process_cannot_connect_beyond_loopback_and_its_attempts_are_logged
     lambda: socket.gethostbyaddr("192.0.2.1"),
     lambda: socket.getnameinfo(("192.0.2.1", 80), 0),
 ], ids=["gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"])
-def test_every_name_lookup_is_refused(own_log, call):
+def test_every_name_lookup_is_refused(own_network_log, call):
     with pytest.raises(NetworkAccessError):
         call()
-    assert len(own_log.read_text().splitlines()) == 1
+    assert len(own_network_log.read_text().splitlines()) == 1
 
 
 def test_local_name_lookups_stay_allowed():
@@ -71,26 +62,26 @@ def test_loopback_stays_allowed():
             pass
 
 
-def test_a_python_subprocess_is_guarded_and_its_attempt_is_logged(own_log):
+def test_a_python_subprocess_is_guarded_and_its_attempt_is_logged(own_network_log):
     done = subprocess.run([sys.executable, "-c", REACH_OUT], capture_output=True, text=True, env=dict(os.environ))
     assert done.returncode != 0
     assert "NetworkAccessError" in done.stderr
-    assert "resolve 'example.com'" in own_log.read_text()
+    assert "resolve 'example.com'" in own_network_log.read_text()
 
 
-def test_torchrun_workers_are_guarded(own_log, tmp_path):
+def test_torchrun_workers_are_guarded(own_network_log, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(REACH_OUT + "\n")
     torchrun = Path(sys.executable).parent / "torchrun"
     done = subprocess.run([str(torchrun), "--nproc_per_node=1", str(script)], capture_output=True, text=True,
                           env=dict(os.environ), timeout=120)
     assert done.returncode != 0
-    assert "resolve 'example.com'" in own_log.read_text()
-    assert str(script) in own_log.read_text()
+    assert "resolve 'example.com'" in own_network_log.read_text()
+    assert str(script) in own_network_log.read_text()
 
 
 @pytest.mark.slow
-def test_a_stage_script_started_by_dvc_is_guarded_even_when_it_catches_the_error(own_log, tmp_path):
+def test_a_stage_script_started_by_dvc_is_guarded_even_when_it_catches_the_error(own_network_log, tmp_path):
     source = make_kaggle_tree(tmp_path / "images", per_class=2).parent
     project = make_project(tmp_path, source, image_size=32, epochs=1)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -98,7 +89,7 @@ def test_a_stage_script_started_by_dvc_is_guarded_even_when_it_catches_the_error
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = subprocess.run(["dvc", "repro", "download"], cwd=project, env=_env(), capture_output=True, text=True)
     assert done.returncode != 0
-    attempts = own_log.read_text()
+    attempts = own_network_log.read_text()
     assert "example.com" in attempts and "stages/download.py" in attempts
 
 
