@@ -34,8 +34,8 @@ from PIL import Image
 from torch import nn
 
 from cxr.console import run
-from cxr.data.images import IMAGE_SUFFIXES, decode_grayscale, is_candidate_image
-from cxr.errors import ImageDecodeError, PipelineError
+from cxr.data.images import IMAGE_SUFFIXES, decode_or_reason, is_candidate_image
+from cxr.errors import PipelineError
 from cxr.evaluation.tta import ViewAveraged
 from cxr.training.engine import to_input
 from cxr.training.models import load_checkpoint, model_from_checkpoint
@@ -100,23 +100,16 @@ def iter_predictions(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = [Path(path) for path in paths[start : start + batch_size]]
-            decoded = list(pool.map(partial(_decode_or_reason, size=image_size), chunk))
+            decoded = list(pool.map(partial(decode_or_reason, size=image_size), chunk))
             yield _classify_chunk(model, device, image_size, chunk, decoded)
-
-
-def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
-    """The pixels, or why the file cannot be decoded (the error message without its path prefix)."""
-    try:
-        return decode_grayscale(path, size)
-    except ImageDecodeError as err:
-        return str(err).removeprefix(f"{path}: ")
 
 
 def _classify_chunk(
     model: nn.Module, device: torch.device, image_size: int, chunk: list[Path], decoded: list[np.ndarray | str]
 ) -> PredictedChunk:
     good = [(path, pixels) for path, pixels in zip(chunk, decoded) if isinstance(pixels, np.ndarray)]
-    failures = [(path, reason) for path, reason in zip(chunk, decoded) if isinstance(reason, str)]
+    # The reason without the "<path>: " that starts the message: the caller prints the path itself.
+    failures = [(path, reason.removeprefix(f"{path}: ")) for path, reason in zip(chunk, decoded) if isinstance(reason, str)]
     if not good:
         empty = np.empty((0, image_size, image_size), dtype=np.uint8)
         return PredictedChunk([], empty, np.empty((0, 0)), failures)

@@ -18,17 +18,10 @@ import pandas as pd
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from cxr.data.images import decode_grayscale
-from cxr.errors import ImageDecodeError, PipelineError
+from cxr.data.images import decode_or_reason
+from cxr.errors import PipelineError
 from cxr.files import atomic_write
 from cxr.parallel import ordered_map
-
-
-def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
-    try:
-        return decode_grayscale(path, size)
-    except ImageDecodeError as err:
-        return str(err)
 
 
 def iter_decoded(paths: Iterable[Path], size: int, workers: int, desc: str = "decode",
@@ -40,7 +33,7 @@ def iter_decoded(paths: Iterable[Path], size: int, workers: int, desc: str = "de
     """
     total = len(paths) if total is None and isinstance(paths, Sized) else total
     chunk = max(1, min(64, (total or 0) // (4 * workers)))
-    decoded = ordered_map(partial(_decode_or_reason, size=size), paths, workers, chunk)
+    decoded = ordered_map(partial(decode_or_reason, size=size), paths, workers, chunk)
     yield from tqdm(decoded, total=total, desc=desc, unit="img", mininterval=2.0)
 
 
