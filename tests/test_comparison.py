@@ -17,17 +17,22 @@ A = frame([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
 B = frame([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
 
 
-def test_ensemble_row_is_the_hand_computed_average():
-    ensemble = ensemble_frame({"a": A, "b": B}, CLASSES, {"a": 0.5, "b": 0.5})
-    expected = np.array([[0.4, 0.5, 0.1], [0.15, 0.65, 0.2], [0.2, 0.2, 0.6]])
+@pytest.mark.parametrize(("weights", "expected", "predicted"), [
+    ({"a": 0.5, "b": 0.5}, [[0.4, 0.5, 0.1], [0.15, 0.65, 0.2], [0.2, 0.2, 0.6]], ["NORMAL", "NORMAL", "PNEUMONIA"]),
+    ({"a": 0.8, "b": 0.2}, [[0.52, 0.38, 0.1], [0.18, 0.56, 0.26], [0.14, 0.14, 0.72]], ["COVID19", "NORMAL", "PNEUMONIA"]),
+    ({"a": 0.1, "b": 0.9}, [[0.24, 0.66, 0.1], [0.11, 0.77, 0.12], [0.28, 0.28, 0.44]], ["NORMAL", "NORMAL", "PNEUMONIA"]),
+])
+def test_ensemble_row_is_the_hand_computed_weighted_average(weights, expected, predicted):
+    ensemble = ensemble_frame({"a": A, "b": B}, CLASSES, weights)
     assert np.allclose(probabilities_of(ensemble, CLASSES), expected)
-    assert list(ensemble["predicted"]) == ["NORMAL", "NORMAL", "PNEUMONIA"]
+    assert list(ensemble["predicted"]) == predicted
     assert list(ensemble["label"]) == ["COVID19", "NORMAL", "PNEUMONIA"]
 
 
 def test_weighted_ensemble_uses_validation_macro_f1_weights():
+    # A is right on all three images (macro-F1 1); B calls COVID19 NORMAL: F1 0, 2/3 and 1, mean 5/9.
     weights = ensemble_weights({"a": A, "b": B}, CLASSES, "val_f1")
-    assert weights["a"] > weights["b"] and sum(weights.values()) == pytest.approx(1.0)
+    assert weights == pytest.approx({"a": 9 / 14, "b": 5 / 14})
     assert ensemble_weights({"a": A, "b": B}, CLASSES, "equal") == {"a": 0.5, "b": 0.5}
 
 

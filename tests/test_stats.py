@@ -31,7 +31,7 @@ def test_numpy_metrics_match_sklearn_with_zero_division_0():
     y_true, y_pred = synthetic_predictions(300, 0.7, seed=1)
     y_pred[y_pred == 2] = 0  # class 2 is never predicted: precision 0, F1 0, still in the macro mean
     assert stats.accuracy(y_true, y_pred) == pytest.approx(np.mean(y_true == y_pred))
-    assert stats.macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert stats.macro_f1(3)(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
     for k in range(3):
         assert stats.class_recall(k)(y_true, y_pred) == pytest.approx(
             recall_score(y_true, y_pred, labels=[k], average="macro", zero_division=0)
@@ -41,10 +41,14 @@ def test_numpy_metrics_match_sklearn_with_zero_division_0():
         )
 
 
-def test_macro_f1_leaves_out_a_class_absent_from_truth_and_predictions():
+def test_macro_f1_counts_a_class_absent_from_truth_and_predictions_as_zero():
     y_true = np.array([0, 0, 2, 2])
     y_pred = np.array([0, 2, 2, 2])
-    assert stats.macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    # F1 per class: 2 * 1 / (2 + 1), 0 (never true nor predicted), 2 * 2 / (2 + 3); sklearn with labels=all classes.
+    assert stats.macro_f1(3)(y_true, y_pred) == pytest.approx((2 / 3 + 0 + 4 / 5) / 3)
+    assert stats.macro_f1(3)(y_true, y_pred) == pytest.approx(
+        f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0))
+    assert stats.macro_f1_over([0, 2], 3)(y_true, y_pred) == pytest.approx((2 / 3 + 4 / 5) / 2)
 
 
 def test_bootstrap_interval_contains_estimate_and_shrinks_with_more_samples():
@@ -61,9 +65,9 @@ def test_bootstrap_interval_contains_estimate_and_shrinks_with_more_samples():
 
 def test_bootstrap_is_deterministic_for_a_seed_and_changes_with_it():
     y_true, y_pred = synthetic_predictions(300, 0.8, seed=3)
-    first = stats.bootstrap_ci(y_true, y_pred, stats.macro_f1, n_resamples=200, seed=7)
-    again = stats.bootstrap_ci(y_true, y_pred, stats.macro_f1, n_resamples=200, seed=7)
-    other = stats.bootstrap_ci(y_true, y_pred, stats.macro_f1, n_resamples=200, seed=8)
+    first = stats.bootstrap_ci(y_true, y_pred, stats.macro_f1(3), n_resamples=200, seed=7)
+    again = stats.bootstrap_ci(y_true, y_pred, stats.macro_f1(3), n_resamples=200, seed=7)
+    other = stats.bootstrap_ci(y_true, y_pred, stats.macro_f1(3), n_resamples=200, seed=8)
     assert first == again
     assert first[1:] != other[1:]
 

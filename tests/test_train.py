@@ -65,13 +65,24 @@ def test_same_params_give_identical_weights(processed, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def assert_body_equals_a_fresh_build(checkpoint: dict, seed: int) -> None:
+    """The saved body equals a freshly built, identically seeded model's; the head does not (it trained)."""
+    torch.manual_seed(seed)
+    fresh = build_model(**checkpoint["model_args"]).state_dict()
+    saved = checkpoint["model"]
+    body = [key for key in fresh if key.startswith("body.")]
+    assert body and saved.keys() == fresh.keys()
+    assert all(torch.equal(saved[key], fresh[key]) for key in body)  # weights and BatchNorm statistics alike
+    assert not torch.equal(saved["head.1.weight"], fresh["head.1.weight"])
+
+
 def test_extract_caches_embeddings_and_keeps_the_body_unchanged(processed, tmp_path):
     params = tiny_params()
     summary = train_approach("extract", params, processed, tmp_path / "extract.pt", tmp_path / "live", progress=False)
     assert summary["cached_embeddings"] is True
-    trained = model_from_checkpoint(load_checkpoint(tmp_path / "extract.pt"))
-    torch.manual_seed(params.train.seed)
-    # The body was never trained: its weights equal a fresh, identically seeded build's.
+    checkpoint = load_checkpoint(tmp_path / "extract.pt")
+    assert_body_equals_a_fresh_build(checkpoint, params.train.seed)
+    trained = model_from_checkpoint(checkpoint)
     split = load_tensors(processed, "val", list(CLASSES))
     cached = compute_embeddings(trained, split, 4, torch.device("cpu"), torch.contiguous_format)
     logits_from_cache = trained.head(cached.inputs)
@@ -132,11 +143,26 @@ def test_cached_embeddings_keep_the_precision_the_body_ran_in(processed, monkeyp
     assert torch.equal(cached.labels, split.labels)
 
 
-def test_extract_with_augmentation_runs_the_frozen_body_every_batch(processed, tmp_path):
+def test_extract_with_augmentation_runs_the_frozen_body_every_batch(processed, tmp_path, monkeypatch):
+    calls: list[tuple[str, torch.Tensor]] = []
+
+    def observed_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.body.register_forward_hook(lambda module, inputs, output: calls.append(("body", output)))
+        model.head.register_forward_pre_hook(lambda module, inputs: calls.append(("head", inputs[0])))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", observed_model)
     augment = {"enabled": True, "rotation_deg": 5.0, "scale": 0.05, "translate": 0.05, "brightness": 0.05, "contrast": 0.05}
     params = tiny_params(train_extract={"augment": augment, "epochs": 1})
     summary = train_approach("extract", params, processed, tmp_path / "e.pt", tmp_path / "live", progress=False)
+    train_batches = -(-len(load_tensors(processed, "train", list(CLASSES))) // 8)
+    val_batches = -(-len(load_tensors(processed, "val", list(CLASSES))) // params.evaluate.batch_size)
+    # Every batch, train and val alike, runs the body and feeds its very output to the head: no cache in between.
+    assert [name for name, _ in calls] == ["body", "head"] * (train_batches + val_batches)
+    assert all(head_input is body_output for (_, body_output), (_, head_input) in zip(calls[::2], calls[1::2]))
     assert summary["cached_embeddings"] is False
+    assert_body_equals_a_fresh_build(load_checkpoint(tmp_path / "e.pt"), params.train.seed)
 
 
 def test_border_hide_is_saved_in_the_model(processed, tmp_path):

@@ -17,11 +17,14 @@ no edge the model could read as a class.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from cxr.data.preprocess import load_split, save_split
 from cxr.evaluation.saliency import gradcam_heatmaps
 from cxr.lung_box import center_box
 from cxr.training.engine import evaluate, iterate_batches
@@ -50,6 +53,22 @@ def neutral_grey(images: np.ndarray, chunk: int = 1024) -> int:
     """The mean pixel of ``images`` (uint8), computed in chunks: the fill a model has seen most of."""
     total = sum(float(images[start : start + chunk].sum(dtype=np.float64)) for start in range(0, len(images), chunk))
     return int(round(total / max(1, images.size)))
+
+
+def write_probe_splits(processed: Path, probe: Path, classes: Sequence[str], fraction: float,
+                       splits: Sequence[str] = ("train", "val", "test")) -> int:
+    """Write the border probe's data: each split of ``processed`` with its lung box hidden, under ``probe``.
+
+    The box takes the training split's :func:`neutral_grey`, the fill the shortcut audit uses,
+    so the probe is trained and scored on exactly the view it stands for; the rows (paths,
+    labels, patients) are copied unchanged. Returns the fill.
+    """
+    fill = neutral_grey(load_split(processed, "train", classes)[0])
+    hide = partial(occluded, view="center_hidden", fraction=fraction, fill=fill)
+    for split in splits:
+        images, _, rows = load_split(processed, split, classes)
+        save_split(probe, split, images, rows, transform=hide)
+    return fill
 
 
 def class_probabilities(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device,

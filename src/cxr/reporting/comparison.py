@@ -21,8 +21,9 @@ def ensemble_weights(val_frames: Mapping[str, pd.DataFrame], classes: Sequence[s
     """Soft-voting weights: equal, or proportional to each model's validation macro-F1 (never test)."""
     if mode == "equal":
         return {name: 1 / len(val_frames) for name in val_frames}
+    f1 = stats.macro_f1(len(classes))
     scores = {
-        name: stats.macro_f1(stats.encode_labels(frame["label"], classes), stats.encode_labels(frame["predicted"], classes))
+        name: f1(stats.encode_labels(frame["label"], classes), stats.encode_labels(frame["predicted"], classes))
         for name, frame in val_frames.items()
     }
     total = sum(scores.values())
@@ -58,7 +59,7 @@ def model_report(
     probabilities = probabilities_of(frame, classes)
     return {
         "accuracy": interval(y_true, y_pred, stats.accuracy, resamples, seed),
-        "f1_macro": interval(y_true, y_pred, stats.macro_f1, resamples, seed),
+        "f1_macro": interval(y_true, y_pred, stats.macro_f1(len(classes)), resamples, seed),
         "per_class": {
             name: {
                 "sensitivity": interval(y_true, y_pred, stats.class_recall(i), resamples, seed),

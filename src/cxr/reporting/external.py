@@ -23,36 +23,9 @@ from cxr.approaches import DISPLAY_NAMES
 from cxr.errors import PipelineError
 from cxr.reporting import stats
 from cxr.reporting.comparison import interval
+from cxr.reporting.stats import macro_f1_over
 
 SCOPES = {"test": "the `test/` folder of a Kaggle-layout set", "all": "every image of the set"}
-
-
-def macro_f1_over(class_indices: Sequence[int], n_classes: int) -> stats.Metric:
-    """Macro-F1 averaged over ``class_indices`` only; equals :func:`stats.macro_f1` when every class is among them.
-
-    Errors into classes left out still lower the recall, and so the F1, of the true class.
-    """
-    chosen = np.asarray(class_indices, dtype=np.int64)
-
-    def f1_macro(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-        counts = np.bincount(np.asarray(y_true) * n_classes + np.asarray(y_pred), minlength=n_classes * n_classes)
-        counts = counts.reshape(n_classes, n_classes)
-        denominator = (counts.sum(axis=0) + counts.sum(axis=1))[chosen]
-        hits = 2 * np.diag(counts)[chosen]
-        return float(np.mean(np.divide(hits, denominator, out=np.zeros(len(chosen)), where=denominator > 0)))
-
-    return f1_macro
-
-
-def _replicates(y_true: np.ndarray, y_pred: np.ndarray, metric: stats.Metric, resamples: int,
-                rng: np.random.Generator) -> np.ndarray:
-    """``metric`` on ``resamples`` stratified bootstrap resamples (drawn within each true class)."""
-    groups = [np.flatnonzero(y_true == label) for label in np.unique(y_true)]
-    values = np.empty(resamples)
-    for i in range(resamples):
-        indices = np.concatenate([group[rng.integers(0, len(group), size=len(group))] for group in groups])
-        values[i] = metric(y_true[indices], y_pred[indices])
-    return values
 
 
 def gap_interval(
@@ -66,8 +39,8 @@ def gap_interval(
     the interval is that of the differences: it holds 0 when the model does as well outside.
     """
     external_rng, internal_rng = (np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(2))
-    differences = (_replicates(*external, metric, resamples, external_rng)
-                   - _replicates(*internal, metric, resamples, internal_rng))
+    differences = (stats.bootstrap_replicates(*external, metric, resamples, external_rng)
+                   - stats.bootstrap_replicates(*internal, metric, resamples, internal_rng))
     low, high = np.quantile(differences, [alpha / 2, 1 - alpha / 2])
     point = metric(*external) - metric(*internal)
     return {"value": round(float(point), 6), "ci_low": round(float(low), 6), "ci_high": round(float(high), 6)}

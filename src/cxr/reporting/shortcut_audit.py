@@ -14,7 +14,7 @@ from torch import nn
 
 from cxr.evaluation.occlusion import VIEWS, cam_inside_center, chance_scores, occluded, per_class_sample
 from cxr.params import ShortcutsParams
-from cxr.reporting.shortcuts import PROBE, mean_interval, model_verdict, probe_verdict, view_scores
+from cxr.reporting.shortcuts import PROBE, mean_interval, model_scores, model_verdict, probe_verdict, view_scores
 
 Scorer = Callable[[nn.Module, np.ndarray], np.ndarray]
 """Class probabilities (N, classes) of a model for uint8 images (N, H, W)."""
@@ -33,7 +33,8 @@ def shortcut_audit(models: Mapping[str, tuple[nn.Module, nn.Module]], probe: nn.
     sample = per_class_sample(labels, settings.cam_per_class, seed)
     audited = {}
     for name, (scored, classifier) in models.items():
-        entry = {view: view_scores(labels, score(scored, views[view]), resamples, seed) for view in VIEWS}
+        entry = model_scores(labels, {view: score(scored, views[view]) for view in VIEWS}, chance["accuracy"],
+                             resamples, seed)
         shares = cam_inside_center(classifier, images[sample], settings.center_fraction)
         entry["cam_inside_center"] = {
             "all": mean_interval(shares),

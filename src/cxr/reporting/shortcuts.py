@@ -5,6 +5,10 @@ its above-chance accuracy: it then decides mostly from outside the lungs. The bo
 (a model trained and tested with the lung fields hidden) is flagged when it beats chance by
 more than ``probe_margin``: the data set itself can then be solved without seeing the lungs,
 so a high score on it proves little about disease.
+
+Each reading rests on a 95% interval, not on a point value: a model whose intact accuracy
+is not clearly above chance, or whose share's interval holds the flag (the probe's, chance
++ ``probe_margin``), gets "no verdict" rather than a sentence the data cannot carry.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from cxr.reporting.pngs import png_figure
 
 PROBE = "probe"
 VIEW_TITLES = {"intact": "Intact", "center_hidden": "Lungs hidden", "border_hidden": "Only lungs shown"}
+FLAGS = {"shortcut": "shortcut", "lungs": "-", "both": "-", "none": "no verdict"}
+PROBE_FLAGS = {"shortcut": "shortcut in the data", "clear": "-", "none": "no verdict"}
 
 
 def view_scores(labels: np.ndarray, probabilities: np.ndarray, resamples: int, seed: int) -> dict[str, dict[str, float]]:
@@ -29,7 +35,7 @@ def view_scores(labels: np.ndarray, probabilities: np.ndarray, resamples: int, s
     predicted = probabilities.argmax(axis=1)
     return {
         "accuracy": interval(labels, predicted, stats.accuracy, resamples, seed),
-        "f1_macro": interval(labels, predicted, stats.macro_f1, resamples, seed),
+        "f1_macro": interval(labels, predicted, stats.macro_f1(probabilities.shape[1]), resamples, seed),
     }
 
 
@@ -49,35 +55,96 @@ def retained_share(intact: float, hidden: float, chance: float) -> float:
     return round(float((hidden - chance) / above), 6) if above > 0 else 0.0
 
 
+def share_interval(labels: np.ndarray, intact: np.ndarray, other: np.ndarray, chance: float, resamples: int,
+                   seed: int) -> dict[str, float]:
+    """:func:`retained_share` of predicted classes ``other`` against ``intact``, with a paired 95% bootstrap interval.
+
+    Both views are scored on the same resampled images (the rows are drawn together), so the
+    interval carries the pairing: a model that is right on the same films in both views has a
+    narrower share interval than two independent accuracies would give.
+    """
+    def share(y_true: np.ndarray, paired: np.ndarray) -> float:
+        return retained_share(stats.accuracy(y_true, paired[:, 0]), stats.accuracy(y_true, paired[:, 1]), chance)
+
+    return interval(labels, np.column_stack([intact, other]), share, resamples, seed)
+
+
+def model_scores(labels: np.ndarray, probabilities: Mapping[str, np.ndarray], chance: float, resamples: int,
+                 seed: int) -> dict[str, Any]:
+    """A model's :func:`view_scores` in every view, with the share it keeps with the lungs hidden and with them alone."""
+    entry: dict[str, Any] = {view: view_scores(labels, probabilities[view], resamples, seed) for view in VIEW_TITLES}
+    predicted = {view: probabilities[view].argmax(axis=1) for view in VIEW_TITLES}
+    entry["retained_share"] = share_interval(labels, predicted["intact"], predicted["center_hidden"], chance,
+                                             resamples, seed)
+    entry["lungs_only_share"] = share_interval(labels, predicted["intact"], predicted["border_hidden"], chance,
+                                               resamples, seed)
+    return entry
+
+
+def _spans(entry: Mapping[str, float], threshold: float) -> bool:
+    """Whether a 95% interval holds ``threshold``: the data cannot say on which side of it the value lies."""
+    return bool(entry["ci_low"] <= threshold <= entry["ci_high"])
+
+
+def _pct(entry: Mapping[str, float]) -> str:
+    return f"{entry['value']:.0%} [{entry['ci_low']:.0%}, {entry['ci_high']:.0%}]"
+
+
 def model_verdict(entry: dict[str, Any], chance: float, flag_share: float) -> dict[str, Any]:
-    """``entry`` (a model's view scores) with its retained share, its flag and a one-sentence reading."""
-    intact = entry["intact"]["accuracy"]["value"]
-    hidden = entry["center_hidden"]["accuracy"]["value"]
-    lungs_only = entry["border_hidden"]["accuracy"]["value"]
-    share = retained_share(intact, hidden, chance)
-    flagged = share > flag_share
-    if flagged:
-        reading = (f"With the lung fields covered it still classifies {hidden:.0%} of films correctly "
-                   f"(chance {chance:.0%}, intact {intact:.0%}): it decides largely from outside the lungs, "
-                   "such as markers, borders or body size.")
-    elif retained_share(intact, lungs_only, chance) > flag_share:
-        reading = (f"Covering the lung fields drops it to {hidden:.0%} (chance {chance:.0%}), while the lungs "
-                   f"alone give {lungs_only:.0%} of {intact:.0%}: it relies mostly on the lung fields.")
+    """``entry`` (a model's :func:`model_scores`) with its verdict, its flag and a one-sentence reading.
+
+    A verdict needs evidence: a model whose intact accuracy interval reaches chance has no skill
+    whose source could be traced, and a retained share whose interval holds ``flag_share``
+    could lie on either side of the flag; both get "no verdict" instead of a guess.
+    """
+    intact, hidden, lungs_only = (entry[view]["accuracy"] for view in ("intact", "center_hidden", "border_hidden"))
+    kept, kept_by_lungs = entry["retained_share"], entry["lungs_only_share"]
+    if intact["ci_low"] <= chance:
+        verdict, reading = "none", (f"No verdict: its intact accuracy {_ci(intact)} is not above chance ({chance:.3f}), "
+                                    "so there is no skill whose source this test could trace.")
+    elif _spans(kept, flag_share):
+        verdict, reading = "none", (f"No verdict: with the lung fields covered it keeps {_pct(kept)} of its above-chance "
+                                    f"accuracy, an interval on both sides of the flag at {flag_share:.0%}.")
+    elif kept["ci_low"] > flag_share:
+        verdict, reading = "shortcut", (
+            f"With the lung fields covered it still classifies {hidden['value']:.0%} of films correctly "
+            f"(chance {chance:.0%}, intact {intact['value']:.0%}; it keeps {_pct(kept)} of its above-chance accuracy): "
+            "it decides largely from outside the lungs, such as markers, borders or body size.")
+    elif kept_by_lungs["ci_low"] > flag_share:
+        verdict, reading = "lungs", (
+            f"Covering the lung fields drops it to {hidden['value']:.0%} (chance {chance:.0%}), while the lungs alone give "
+            f"{lungs_only['value']:.0%} of {intact['value']:.0%}: it relies mostly on the lung fields.")
+    elif kept_by_lungs["ci_high"] < flag_share:
+        verdict, reading = "both", (
+            f"Covering the lung fields drops it to {hidden['value']:.0%} (chance {chance:.0%}), but the lungs alone give "
+            f"only {lungs_only['value']:.0%} of {intact['value']:.0%}: it needs the film around them too, so this test "
+            "cannot show that it reads the lungs.")
     else:
-        reading = (f"Covering the lung fields drops it to {hidden:.0%} (chance {chance:.0%}), but the lungs alone "
-                   f"give only {lungs_only:.0%} of {intact:.0%}: it needs the film around them too, so this test "
-                   "cannot show that it reads the lungs.")
-    return {**entry, "retained_share": share, "flagged": flagged, "reading": reading}
+        verdict, reading = "none", (
+            f"Covering the lung fields drops it to {hidden['value']:.0%} (chance {chance:.0%}); the lungs alone keep "
+            f"{_pct(kept_by_lungs)} of its above-chance accuracy, an interval on both sides of {flag_share:.0%}: "
+            "no verdict on whether it reads the lungs.")
+    return {**entry, "verdict": verdict, "flagged": verdict == "shortcut", "reading": reading}
 
 
 def probe_verdict(entry: dict[str, Any], chance: float, probe_margin: float) -> dict[str, Any]:
-    """The border probe's score with its flag and reading: how far the task is solvable without the lungs."""
-    accuracy = entry["center_hidden"]["accuracy"]["value"]
-    flagged = accuracy - chance > probe_margin
-    reading = (f"A model that never sees the lung fields reaches {accuracy:.0%} (chance {chance:.0%}): "
-               + ("this data set can be solved largely from outside the lungs, so high scores prove little "
-                  "about disease." if flagged else "outside the lungs there is little to learn the classes from."))
-    return {**entry, "flagged": flagged, "reading": reading}
+    """The border probe's score with its flag and reading: how far the task is solvable without the lungs.
+
+    Flagged when its accuracy interval lies wholly above chance + ``probe_margin``; an interval
+    that holds that bar gets no verdict.
+    """
+    score = entry["center_hidden"]["accuracy"]
+    bar = chance + probe_margin
+    opening = f"A model that never sees the lung fields reaches {_ci(score)} (chance {chance:.3f}): "
+    if _spans(score, bar):
+        verdict, ending = "none", (f"no verdict, the interval holds chance + {probe_margin:g} ({bar:.3f}), the bar for "
+                                   "saying the data set can be solved without the lungs.")
+    elif score["ci_low"] > bar:
+        verdict, ending = "shortcut", ("this data set can be solved largely from outside the lungs, so high scores prove "
+                                       "little about disease.")
+    else:
+        verdict, ending = "clear", "outside the lungs there is little to learn the classes from."
+    return {**entry, "verdict": verdict, "flagged": verdict == "shortcut", "reading": opening + ending}
 
 
 def _ci(entry: Mapping[str, float]) -> str:
@@ -101,12 +168,11 @@ def shortcuts_markdown(audit: Mapping[str, Any]) -> str:
         lines.append(
             f"| {DISPLAY_NAMES.get(name, name)} | {_ci(entry['intact']['accuracy'])} | "
             f"{_ci(entry['center_hidden']['accuracy'])} | {_ci(entry['border_hidden']['accuracy'])} | "
-            f"{entry['retained_share']:.0%} | {_ci(entry['cam_inside_center']['all'])} | "
-            f"{'shortcut' if entry['flagged'] else '-'} |"
+            f"{_pct(entry['retained_share'])} | {_ci(entry['cam_inside_center']['all'])} | {FLAGS[entry['verdict']]} |"
         )
     probe = audit[PROBE]
     lines.append(f"| Border probe (trained without the lungs) | - | {_ci(probe['center_hidden']['accuracy'])} | - | - | - | "
-                 f"{'shortcut in the data' if probe['flagged'] else '-'} |")
+                 f"{PROBE_FLAGS[probe['verdict']]} |")
     lines += ["", *(f"- **{DISPLAY_NAMES.get(name, name)}.** {entry['reading']}" for name, entry in audit["models"].items()),
               f"- **Border probe.** {probe['reading']}", ""]
     return "\n".join(lines)

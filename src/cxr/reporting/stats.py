@@ -46,11 +46,10 @@ def encode_labels(labels: Sequence[str] | np.ndarray, classes: Sequence[str]) ->
 # ---------------------------------------------------------------------------------------
 
 
-def _confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Counts[i, j] = number of samples of true class i predicted as class j."""
+def _confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts[i, j] = number of samples of true class i predicted as class j (classes 0 .. n_classes - 1)."""
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
-    n_classes = int(max(y_true.max(), y_pred.max())) + 1
     counts = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
     return counts.reshape(n_classes, n_classes)
 
@@ -67,18 +66,27 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Unweighted mean F1 over the classes that occur in ``y_true`` or ``y_pred``.
+def macro_f1_over(class_indices: Sequence[int], n_classes: int) -> Metric:
+    """Metric giving the unweighted mean F1 over ``class_indices``, whether or not they occur.
 
-    Same as ``sklearn.metrics.f1_score(average="macro", zero_division=0)``: a class that is
-    predicted but never true still counts (with F1 = 0), a class in neither is left out.
+    The one macro-F1 rule of the report: ``sklearn.metrics.f1_score(average="macro",
+    labels=class_indices, zero_division=0)``. A listed class absent from both the truth and
+    the predictions counts with F1 = 0, so a score never rises because a class went missing;
+    errors into a class that is not listed still lower the recall of the true class.
     """
-    counts = _confusion_matrix(y_true, y_pred)
-    true_positives = np.diag(counts)
-    per_class_total = counts.sum(axis=0) + counts.sum(axis=1)
-    present = per_class_total > 0
-    f1 = _safe_ratio(2 * true_positives, per_class_total)
-    return float(f1[present].mean())
+    chosen = np.asarray(class_indices, dtype=np.int64)
+
+    def f1_macro(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        counts = _confusion_matrix(y_true, y_pred, n_classes)
+        per_class_total = (counts.sum(axis=0) + counts.sum(axis=1))[chosen]
+        return float(_safe_ratio(2 * np.diag(counts)[chosen], per_class_total).mean())
+
+    return f1_macro
+
+
+def macro_f1(n_classes: int) -> Metric:
+    """Metric giving the macro-F1 over all ``n_classes`` classes (see :func:`macro_f1_over`), as the results table has it."""
+    return macro_f1_over(range(n_classes), n_classes)
 
 
 def class_recall(class_index: int) -> Metric:
@@ -118,9 +126,29 @@ def _check_paired(y_true: np.ndarray, y_pred: np.ndarray) -> None:
         raise ValueError(f"y_true has {len(y_true)} samples but y_pred has {len(y_pred)}")
 
 
-def _resample_indices(groups: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """Draw with replacement inside each group, keeping every group's size."""
-    return np.concatenate([group[rng.integers(0, len(group), size=len(group))] for group in groups])
+def bootstrap_replicates(
+    y_true: np.ndarray, y_pred: np.ndarray, metric: Metric, n_resamples: int, rng: np.random.Generator,
+    stratify: bool = True,
+) -> np.ndarray:
+    """``metric`` on ``n_resamples`` bootstrap resamples of the rows, drawn from ``rng``.
+
+    With ``stratify`` each true class is resampled within itself, keeping its size. Shared by
+    :func:`bootstrap_ci` and any interval built from replicates (a difference of two test sets).
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    _check_paired(y_true, y_pred)
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    if stratify:
+        groups = [np.flatnonzero(y_true == label) for label in np.unique(y_true)]
+    else:
+        groups = [np.arange(len(y_true))]
+    replicates = np.empty(n_resamples)
+    for i in range(n_resamples):
+        indices = np.concatenate([group[rng.integers(0, len(group), size=len(group))] for group in groups])
+        replicates[i] = metric(y_true[indices], y_pred[indices])
+    return replicates
 
 
 def bootstrap_ci(
@@ -140,26 +168,11 @@ def bootstrap_ci(
     does not have. ``y_pred`` may be 2-D (e.g. probabilities); its rows are resampled.
     The same ``seed`` always gives the same interval.
     """
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    _check_paired(y_true, y_pred)
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
-
-    if stratify:
-        groups = [np.flatnonzero(y_true == label) for label in np.unique(y_true)]
-    else:
-        groups = [np.arange(len(y_true))]
-    rng = np.random.default_rng(seed)
-    replicates = np.empty(n_resamples)
-    for i in range(n_resamples):
-        indices = _resample_indices(groups, rng)
-        replicates[i] = metric(y_true[indices], y_pred[indices])
-
+    replicates = bootstrap_replicates(y_true, y_pred, metric, n_resamples, np.random.default_rng(seed), stratify)
     low, high = np.quantile(replicates, [alpha / 2, 1 - alpha / 2])
-    return float(metric(y_true, y_pred)), float(low), float(high)
+    return float(metric(np.asarray(y_true), np.asarray(y_pred))), float(low), float(high)
 
 
 # ---------------------------------------------------------------------------------------
