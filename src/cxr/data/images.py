@@ -89,9 +89,11 @@ _DICOM_PHOTOMETRIC_SAMPLES = {
 }
 _DICOM_BITS_ALLOCATED = (1, 8, 16, 32)
 
-# pydicom warns, and logs, about each malformed element it tolerates; the decoder reports what
-# matters as its own one-line reason, so on a user's terminal these would only repeat it.
+# pydicom warns, and logs, about each malformed element it tolerates, and PIL warns about corrupt
+# metadata it skips; the decoder reports what matters as its own one-line reason, so on a user's
+# terminal these would only repeat it.
 warnings.filterwarnings("ignore", module=r"pydicom\.")
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 logging.getLogger("pydicom").propagate = False
 
 
