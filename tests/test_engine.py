@@ -1,6 +1,7 @@
 """Batching: every item once per pass, labels aligned with their images, order from the generator, memory maps alike.
 
-And what a pass reports: its loss is the item-weighted mean of its batches' losses.
+And what a pass reports: its loss is the item-weighted mean of its batches' losses, its
+macro-F1 the report's rule.
 """
 
 import weakref
@@ -8,9 +9,12 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import f1_score
 from torch import nn
 
+from cxr.reporting import stats
 from cxr.training.engine import (
+    EpochResult,
     batches_in_order,
     evaluate,
     gather_rows,
@@ -143,3 +147,17 @@ def test_gathered_rows_come_back_in_the_order_asked_repeats_included(tmp_path):
     gathered = gather_rows(memory_mapped(images, tmp_path), rows)
     assert gathered[:, 0, 0].tolist() == rows.tolist()
     assert gathered.is_contiguous()
+
+
+@pytest.mark.parametrize("labels, predicted", [
+    ([0, 0, 1, 1], [0, 1, 1, 1]),      # class 2 absent from truth and predictions: counts as F1 = 0
+    ([0, 1, 2, 2], [0, 1, 2, 1]),      # every class present
+    ([0, 0, 0, 1], [2, 0, 0, 1]),      # class 2 only predicted
+])
+def test_validation_macro_f1_follows_the_reports_rule(labels, predicted):
+    probabilities = np.eye(3, dtype=np.float32)[predicted]
+    result = EpochResult(0.0, np.array(labels), probabilities)
+
+    expected = f1_score(labels, predicted, labels=[0, 1, 2], average="macro", zero_division=0)
+    assert result.macro_f1 == pytest.approx(expected)
+    assert result.macro_f1 == pytest.approx(stats.macro_f1(3)(np.array(labels), np.array(predicted)))

@@ -42,7 +42,13 @@ class EpochResult:
 
     @property
     def macro_f1(self) -> float:
-        return float(f1_score(self.labels, self.predictions, average="macro", zero_division=0))
+        """The report's macro-F1 rule (``cxr.reporting.stats.macro_f1``): every class counts, one never seen scores 0.
+
+        Without ``labels``, a class absent from a validation shard would drop out of the mean and
+        raise the score that picks the checkpoint.
+        """
+        classes = range(self.probabilities.shape[1])
+        return float(f1_score(self.labels, self.predictions, labels=classes, average="macro", zero_division=0))
 
 
 # What evaluating no items gives (a rank whose validation shard is empty); combine_results skips it.
