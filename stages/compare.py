@@ -10,6 +10,7 @@ from cxr.params import load_params
 from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
 from cxr.reporting.external import external_markdown
 from cxr.reporting.figures import confusion_png, reliability_png, roc_pr_png, write_curve_tables
+from cxr.reporting.headline import external_scores, headline
 from cxr.reporting.scores import classification_metrics
 from cxr.reporting.shortcuts import shortcuts_markdown
 from cxr.reporting.subgroups import load_groups, log_matches, subgroup_report, subgroups_markdown
@@ -51,6 +52,7 @@ def main() -> None:
         subgroups = subgroup_report(test, groups, classes, settings.bootstrap_resamples, settings.bootstrap_seed)
         summary += "\n" + subgroups_markdown(subgroups, classes, grouping.group_column)
     write_json(paths.SUBGROUPS_JSON, subgroups)
+    write_headlines(reports, subgroups)
     summary += "\n" + external_markdown(paths.EXTERNAL_MD)
     write_text(paths.SUMMARY_MD, summary)
     atomic_write(paths.SUMMARY_CSV, lambda tmp: table.round(6).to_csv(tmp, index=False))
@@ -62,6 +64,13 @@ def main() -> None:
                   paths.evaluation_plots(ENSEMBLE) / "confusion.png")
     write_text(paths.REPORT, report_markdown(summary, APPROACHES))
     print(summary)
+
+
+def write_headlines(reports: dict, subgroups: dict) -> None:
+    """The flat metrics files DVC shows: headline scores of every model, and the external sets' scores."""
+    external = {name: read_json(paths.external_metrics_file(name)) for name in read_json(paths.EXTERNAL_INDEX)["sets"]}
+    write_json(paths.HEADLINE_JSON, headline(reports, read_json(paths.SHORTCUTS_JSON), subgroups, external))
+    write_json(paths.EXTERNAL_SCORES_JSON, external_scores(external))
 
 
 if __name__ == "__main__":

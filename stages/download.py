@@ -3,11 +3,11 @@
 from cxr import paths
 from cxr.console import run
 from cxr.data.download import fetch_dataset
-from cxr.params import load_params
+from cxr.params_core import load_data_params
 
 
 def main() -> None:
-    data = load_params().data
+    data = load_data_params()
     fetch_dataset(data.source, data.kaggle_handle, data.classes, paths.RAW)
 
 

@@ -44,7 +44,7 @@ REASONS = {
     "truncated": "truncated or corrupt image data",
 }
 ALL_STAGES = {
-    "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
+    "download", "split", "audit", "preprocess", "train@custom", "train@extract", "train@finetune",
     "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "external", "compare",
 }
 PER_CLASS = 12  # good images per class and folder: 6 PNEUMONIA patients, enough for 4 folds after bad ones

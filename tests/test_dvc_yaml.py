@@ -102,8 +102,17 @@ def test_the_closure_follows_imports_through_the_package():
 def test_the_training_and_evaluate_stages_are_the_registered_approaches():
     declared = stages()
     trainers = {name for name, stage in declared.items() if stage["cmd"].startswith("python stages/train.py ")}
-    assert trainers == {a.section for a in REGISTRY.values()}
+    assert trainers == {f"train@{name}" for name in REGISTRY}
     assert [name.split("@")[1] for name in declared if name.startswith("evaluate@")] == list(APPROACHES)
     for approach in APPROACHES:
-        assert declared[f"train_{approach}"]["cmd"] == f"python stages/train.py {approach}"
-        assert REGISTRY[approach].section in declared[f"train_{approach}"]["params"]
+        assert declared[f"train@{approach}"]["cmd"] == f"python stages/train.py {approach}"
+        # its own recipe, and no other approach's: a recipe change retrains one model
+        recipes = [key for key in declared[f"train@{approach}"]["params"] if key.startswith("train_")]
+        assert recipes == [REGISTRY[approach].section]
+
+
+def test_download_depends_on_the_fetching_code_only():
+    """Editing the decoders or the params model must not refetch the data set (a Kaggle download)."""
+    closure = {str(p.relative_to(SRC)) for p in import_closure(ROOT / "stages" / "download.py")}
+    assert {"cxr/params_core.py", "cxr/data/candidates.py", "cxr/data/download.py"} <= closure
+    assert closure.isdisjoint({"cxr/params.py", "cxr/approaches.py", "cxr/data/images.py", "cxr/data/preprocess.py"})

@@ -12,7 +12,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxr.data import images
-from cxr.data.images import IMAGE_SUFFIXES, MAX_PIXELS, decode_grayscale, is_candidate_image
+from cxr.data.candidates import is_candidate_image
+from cxr.data.images import IMAGE_SUFFIXES, MAX_PIXELS, decode_grayscale
 from cxr.errors import ImageDecodeError
 
 SIZE = 32

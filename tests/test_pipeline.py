@@ -122,7 +122,7 @@ def test_dvc_repro_builds_everything_reproducibly_then_reruns_only_what_changed(
 
     first = sh(project, "dvc", "repro")
     assert ran_stages(first) == {
-        "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
+        "download", "split", "audit", "preprocess", "train@custom", "train@extract", "train@finetune",
         "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "external", "compare",
     }
     check_outputs(project)
@@ -133,17 +133,17 @@ def test_dvc_repro_builds_everything_reproducibly_then_reruns_only_what_changed(
 
     metrics = {path.name: path.read_bytes() for path in (project / "metrics").glob("*.json")}
     forced = sh(project, "dvc", "repro", "--force", "--no-run-cache")
-    assert "train_custom" in ran_stages(forced)
+    assert "train@custom" in ran_stages(forced)
     assert {path.name: path.read_bytes() for path in (project / "metrics").glob("*.json")} == metrics
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "first run")
 
     rerun = sh(project, "dvc", "exp", "run", "-S", "train_custom.epochs=2")
     # compare reruns only if the custom model's scores changed; external rescores the new model; nothing else may rerun.
-    assert {"train_custom", "evaluate@custom", "train_probe"} <= ran_stages(rerun) <= {
-        "train_custom", "evaluate@custom", "train_probe", "shortcuts", "external", "compare"}
+    assert {"train@custom", "evaluate@custom", "train_probe"} <= ran_stages(rerun) <= {
+        "train@custom", "evaluate@custom", "train_probe", "shortcuts", "external", "compare"}
     check_outputs(project)
-    assert "metrics/custom.json" in sh(project, "dvc", "metrics", "diff", "--all")
+    assert "metrics/headline.json" in sh(project, "dvc", "metrics", "diff", "--all")
     sh(project, "dvc", "plots", "show", "-o", str(tmp_path / "plots_html"))
     assert (tmp_path / "plots_html" / "index.html").is_file()
 

@@ -14,6 +14,7 @@ project is up to date, so one failure does not silently change what the next one
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from test_pipeline import make_project, ran_stages, sh
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = frozenset({
-    "download", "split", "audit", "preprocess", "train_custom", "train_extract", "train_finetune",
+    "download", "split", "audit", "preprocess", "train@custom", "train@extract", "train@finetune",
     "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "external", "compare",
 })
 EVALUATE = frozenset({"evaluate@custom", "evaluate@extract", "evaluate@finetune"})
@@ -46,19 +47,27 @@ EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
     "audit.threshold": (6, frozenset({"audit", "preprocess"})),
     # New pixels: preprocess, all three models, their evaluations and the comparison.
     "preprocess.image_size": (36, FROM_PREPROCESS),
-    # Speed only: data/processed comes out byte-identical, so nothing downstream may rerun.
-    "preprocess.workers": (2, frozenset({"preprocess"})),
+    # Speed only: the same hashes and byte-identical arrays for any count (test_audit.py, test_preprocess.py),
+    # so dvc.yaml does not track them and nothing reruns.
+    "audit.workers": (1, frozenset()),
+    "preprocess.workers": (2, frozenset()),
     # One recipe: its model, its evaluation, the shortcut audit and external scores of the new model, and the comparison.
     # The border probe is the custom CNN's recipe on hidden lungs, so train_custom.* retrains it too.
     # (custom: width, not lr: with ema_decay 0.998 the one tiny step of these runs barely moves the saved
     # average, so a new lr can leave the predictions identical to 6 decimals and compare rightly stays put)
-    "train_custom.width": (12, frozenset({"train_custom", "evaluate@custom", "train_probe", "shortcuts", "external",
+    "train_custom.width": (12, frozenset({"train@custom", "evaluate@custom", "train_probe", "shortcuts", "external",
                                            "compare"})),
-    "train_extract.lr": (0.002, frozenset({"train_extract", "evaluate@extract", "shortcuts", "external", "compare"})),
-    "train_finetune.lr": (0.0005, frozenset({"train_finetune", "evaluate@finetune", "shortcuts", "external", "compare"})),
+    "train_extract.lr": (0.002, frozenset({"train@extract", "evaluate@extract", "shortcuts", "external", "compare"})),
+    "train_finetune.lr": (0.0005, frozenset({"train@finetune", "evaluate@finetune", "shortcuts", "external", "compare"})),
     # Shared by every training stage (the probe's too): all models change, so everything after them reruns.
-    "train.seed": (7, frozenset({"train_custom", "train_extract", "train_finetune", "train_probe", "shortcuts"})
+    "train.seed": (7, frozenset({"train@custom", "train@extract", "train@finetune", "train_probe", "shortcuts"})
                    | EVALUATE | {"external", "compare"}),
+    # CPU threads change float sums, so the weights (1 vs 2 threads: other custom and finetune weights): as train.seed.
+    "train.threads": (2, frozenset({"train@custom", "train@extract", "train@finetune", "train_probe", "shortcuts"})
+                      | EVALUATE | {"external", "compare"}),
+    # Speed only, the same weights bit for bit (test_train.py): untracked, nothing reruns.
+    "train.reuse_freed_memory": (False, frozenset()),
+    "train.gpu_data_gb": (2, frozenset()),
     # Every evaluate@* depends on the whole evaluate section; the audit scores as evaluate does, and
     # compare reads evaluate.tta itself.
     "evaluate.tta": (["custom", "extract"], EVALUATE | {"shortcuts", "external", "compare"}),
@@ -133,3 +142,31 @@ def test_param_change_reruns_exactly(project: Path, dotted: str) -> None:
         f"  ran but should not: {sorted(ran - expected)}\n"
         f"  should have run but did not: {sorted(expected - ran)}\n{log[-3000:]}"
     )
+
+
+def _download_status(project: Path) -> dict:
+    return json.loads(sh(project, "dvc", "status", "download", "--json"))
+
+
+@pytest.mark.parametrize("module", ["src/cxr/data/images.py", "src/cxr/params.py"])
+def test_an_edit_of_other_library_code_does_not_refetch_the_data(project: Path, module: str) -> None:
+    """download depends on its fetching code only; the decoders and the params model are not among its deps."""
+    path = project / module
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# edited\n")
+        assert _download_status(project) == {}
+    finally:
+        path.write_bytes(original)
+
+
+def test_an_edit_of_the_fetching_code_reruns_download(project: Path) -> None:
+    """The control of the test above: the module that picks image files out of a class folder is a dep."""
+    path = project / "src/cxr/data/candidates.py"
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# edited\n")
+        assert _download_status(project) == {
+            "download": [{"changed deps": {"src/cxr/data/candidates.py": "modified"}}]}
+    finally:
+        path.write_bytes(original)

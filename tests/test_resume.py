@@ -37,7 +37,7 @@ def project(tmp_path_factory):
     params["train_custom"]["ema_decay"] = 0.9
     params["train_extract"]["epochs"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(project, "dvc", "repro", "train_custom", "train_extract")
+    sh(project, "dvc", "repro", "train@custom", "train@extract")
     reference = {approach: outcome(project, approach) for approach in ("custom", "extract")}
     return project, reference
 
@@ -96,27 +96,27 @@ def test_killed_after_the_best_epoch_dvc_repro_resumes_and_writes_the_best_check
     project, reference = project
     best = reference["custom"]["checkpoint"]["epoch"]
     assert 1 < best < EPOCHS, "the data no longer peak mid-run: pick another seed or size"
-    killed_at = run_and_kill_after(project, ["dvc", "repro", "-f", "-s", "train_custom"], "custom", best)
+    killed_at = run_and_kill_after(project, ["dvc", "repro", "-f", "-s", "train@custom"], "custom", best)
     assert best <= killed_at < EPOCHS
     assert not (project / "models" / "custom.pt").exists()  # DVC removed it; only the resume state has the best
 
-    resumed = sh(project, "dvc", "repro", "train_custom")
+    resumed = sh(project, "dvc", "repro", "train@custom")
     assert f"resuming after epoch {killed_at}" in resumed
-    assert ran_stages(resumed) == {"train_custom"}
+    assert ran_stages(resumed) == {"train@custom"}
     assert_same_outcome(outcome(project, "custom"), reference["custom"])
     assert resume_state(project, "custom")["finished"]
     assert not [p for p in (project / "models").iterdir() if ".tmp" in p.name]
-    assert ran_stages(sh(project, "dvc", "repro", "train_custom")) == set()
+    assert ran_stages(sh(project, "dvc", "repro", "train@custom")) == set()
 
 
 @pytest.mark.slow
 def test_killed_before_the_best_epoch_dvc_exp_run_resumes_to_the_same_checkpoint(project):
     project, reference = project
     best = reference["custom"]["checkpoint"]["epoch"]
-    killed_at = run_and_kill_after(project, ["dvc", "exp", "run", "-f", "train_custom"], "custom", 1)
+    killed_at = run_and_kill_after(project, ["dvc", "exp", "run", "-f", "train@custom"], "custom", 1)
     assert 1 <= killed_at < best
 
-    resumed = sh(project, "dvc", "exp", "run", "train_custom")
+    resumed = sh(project, "dvc", "exp", "run", "train@custom")
     assert f"resuming after epoch {killed_at}" in resumed
     assert_same_outcome(outcome(project, "custom"), reference["custom"])
     assert not [p for p in (project / "models").iterdir() if ".tmp" in p.name]
@@ -126,7 +126,7 @@ def test_killed_before_the_best_epoch_dvc_exp_run_resumes_to_the_same_checkpoint
 def test_killed_while_caching_embeddings_the_extract_stage_reruns_to_the_same_checkpoint(project):
     project, reference = project
     before = (project / "models" / "extract.resume.pt").read_bytes()
-    dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", "train_extract"], cwd=project, env=_env(),
+    dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", "train@extract"], cwd=project, env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in dvc.stdout:
         if "caching the frozen body's embeddings" in line:
@@ -135,8 +135,8 @@ def test_killed_while_caching_embeddings_the_extract_stage_reruns_to_the_same_ch
     assert dvc.wait(timeout=120) != 0
     assert (project / "models" / "extract.resume.pt").read_bytes() == before, "the kill came after an epoch ended"
 
-    rerun = sh(project, "dvc", "repro", "train_extract")
-    assert "resuming" not in rerun and ran_stages(rerun) == {"train_extract"}
+    rerun = sh(project, "dvc", "repro", "train@extract")
+    assert "resuming" not in rerun and ran_stages(rerun) == {"train@extract"}
     assert_same_outcome(outcome(project, "extract"), reference["extract"])
 
 

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +57,9 @@ def test_custom_training_writes_a_plain_checkpoint_and_learning_curves(processed
         for metric in ("loss", "accuracy", "macro_f1"):
             rows = (tmp_path / "live" / "plots" / "metrics" / split / f"{metric}.tsv").read_text().splitlines()
             assert len(rows) == 1 + summary["epochs_run"]
-    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["step"] == summary["epochs_run"] - 1
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text()) == {
+        "best_epoch": summary["epoch"], "best_val_f1": round(summary["val_macro_f1"], 6), "step": summary["epochs_run"] - 1,
+    }
 
 
 def test_same_params_give_identical_weights(processed, tmp_path):
@@ -212,3 +216,40 @@ def test_finetune_trains_every_layer(processed, tmp_path):
 def test_missing_preprocessed_data_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="run `dvc repro preprocess` first"):
         train_approach("custom", tiny_params(), tmp_path / "nothing", tmp_path / "m.pt", tmp_path / "live", progress=False)
+
+
+def test_gpu_data_budget_changes_nothing_on_cpu(processed, tmp_path):
+    """train.gpu_data_gb only decides, on CUDA, whether the splits move to the GPU; dvc.yaml does not track it."""
+    weights = {}
+    for budget in (0, 4):
+        params = tiny_params(train={"gpu_data_gb": budget}, train_custom={"epochs": 1})
+        train_approach("custom", params, processed, tmp_path / f"{budget}.pt", tmp_path / f"live{budget}", progress=False)
+        weights[budget] = torch.load(tmp_path / f"{budget}.pt", weights_only=True)["model"]
+    assert weights[0].keys() == weights[4].keys()
+    assert all(torch.equal(weights[0][key], weights[4][key]) for key in weights[0])
+
+
+_TRAIN_IN_A_FRESH_PROCESS = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from test_train import tiny_params
+from cxr.training.loop import train_approach
+params = tiny_params(train=json.loads(sys.argv[2]), train_custom={"epochs": 1})
+train_approach("custom", params, Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]), progress=False)
+"""
+
+
+def test_reusing_freed_memory_changes_nothing(processed, tmp_path):
+    """train.reuse_freed_memory changes glibc's allocator for the whole process (it cannot be undone), so each
+    setting trains in a process of its own; the weights must match bit for bit, which is why dvc.yaml does not
+    track the key."""
+    weights = {}
+    for reuse in (False, True):
+        out = tmp_path / f"{reuse}.pt"
+        subprocess.run([sys.executable, "-c", _TRAIN_IN_A_FRESH_PROCESS, str(ROOT / "tests"),
+                        json.dumps({"reuse_freed_memory": reuse}), str(processed), str(out), str(tmp_path / f"live{reuse}")],
+                       check=True, capture_output=True)
+        weights[reuse] = torch.load(out, weights_only=True)["model"]
+    assert weights[False].keys() == weights[True].keys()
+    assert all(torch.equal(weights[False][key], weights[True][key]) for key in weights[False])

@@ -26,6 +26,9 @@ SUMMARY_CSV = METRICS / "summary.csv"
 SUMMARY_JSON = METRICS / "summary.json"
 SHORTCUTS_JSON = METRICS / "shortcuts.json"
 SUBGROUPS_JSON = METRICS / "subgroups.json"
+# the only metrics files of the test results (dvc exp show): flat keys picked from the reports above
+HEADLINE_JSON = METRICS / "headline.json"
+EXTERNAL_SCORES_JSON = METRICS / "external_scores.json"
 PROBE_DATA = Path("data/probe")
 PROBE_MODEL = MODELS / "probe.pt"
 # external test sets (params ``external``): the fetched images, and per set its scores, table and predictions

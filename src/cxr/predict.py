@@ -34,7 +34,8 @@ from PIL import Image
 from torch import nn
 
 from cxr.console import run
-from cxr.data.images import IMAGE_SUFFIXES, decode_or_reason, is_candidate_image
+from cxr.data.candidates import is_candidate_image
+from cxr.data.images import IMAGE_SUFFIXES, decode_or_reason
 from cxr.errors import PipelineError
 from cxr.evaluation.tta import ViewAveraged
 from cxr.training.engine import to_input

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cxr.data.images import is_candidate_image
+from cxr.data.candidates import is_candidate_image
 from cxr.errors import PipelineError, first_line
 
 SPLITS = ("train", "test")

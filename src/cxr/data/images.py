@@ -70,9 +70,6 @@ take while it is decoded and converted (see the module docstring)."""
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"})
 """Lower-case suffixes that ``cxr-predict`` picks up when it scans a folder."""
 
-JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
-"""Lower-case names of files that operating systems drop into folders; never images."""
-
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
 _HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -99,19 +96,6 @@ logging.getLogger("pydicom").propagate = False
 
 class _NonFinitePixels(ValueError):
     """Pixel values that are NaN or infinite, which no grey scale can show."""
-
-
-def is_candidate_image(path: Path) -> bool:
-    """Whether a file found in a class folder should be decoded at all.
-
-    Hidden files and OS junk are skipped silently; every other regular file is a candidate,
-    whatever its suffix, so a corrupt or misnamed image fails decoding with a reason instead
-    of silently vanishing from the data set.
-    """
-    name = path.name
-    if name.startswith(".") or name.lower() in JUNK_NAMES:
-        return False
-    return path.is_file()
 
 
 def decode_grayscale(path: Path, size: int) -> np.ndarray:

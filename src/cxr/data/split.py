@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from cxr.data.images import is_candidate_image
+from cxr.data.candidates import is_candidate_image
 from cxr.errors import PipelineError
 
 PATIENT_PATTERNS = (

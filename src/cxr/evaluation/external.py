@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from cxr.approaches import ENSEMBLE
+from cxr.data.candidates import is_candidate_image
 from cxr.data.download import KaggleDownloader, find_data_root, install_source, kagglehub_download
-from cxr.data.images import is_candidate_image
 from cxr.data.preprocess import iter_decoded
 from cxr.errors import PipelineError
 from cxr.evaluation.inference import load_trained_model

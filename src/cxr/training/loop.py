@@ -362,6 +362,15 @@ def _log_history(live: Live | None, history: list[dict[str, float]]) -> None:
         live.next_step()
 
 
+def _best_summary(state: TrainingState) -> dict[str, Any]:
+    """What ``dvclive/<approach>/metrics.json`` (a DVC metrics file) holds: the saved epoch and its validation macro-F1.
+
+    DVCLive's summary would hold the last epoch's six curves; the checkpoint is the best
+    epoch's, so that is what ``dvc exp show`` lists beside DVCLive's ``step`` (the last epoch run, from 0).
+    """
+    return {"best_epoch": state.best["epoch"], "best_val_f1": round(state.best["val_macro_f1"], 6)}
+
+
 def _epoch_row(train: EpochResult, val: EpochResult) -> dict[str, float]:
     return {
         f"{prefix}/{name}": round(getattr(result, name), 6)
@@ -591,6 +600,8 @@ def _fit(run: _Run, live_dir: Path, resume_path: Path | None) -> TrainingState:
             )
             if resume_path and main:
                 _save_resume(resume_path, run.fingerprint, state, finished=False)
+        if live is not None:  # the last epoch's curves give way to the best epoch's; "step" stays DVCLive's last step
+            live.summary = {"step": live.summary["step"], **_best_summary(state)}
     if state.exhausted(recipe.patience):
         log.info("%s: stopped early, no validation macro-F1 gain for %d epochs", run.approach, state.stale)
     return state
