@@ -137,7 +137,7 @@ def test_a_kaggle_handle_is_downloaded_with_the_data_source_code(tmp_path):
         calls.append(handle)
         return make_kaggle_tree(workdir / "kaggle", per_class=2).parent
 
-    destination, scope = fetch(tmp_path, "someone/other-hospital/versions/3", kaggle=fake_kaggle)
+    destination, scope = fetch(tmp_path, "kaggle:someone/other-hospital/versions/3", kaggle=fake_kaggle)
 
     assert calls == ["someone/other-hospital/versions/3"] and scope == "test"
     assert len(list_images(destination, CLASSES)) == 6
@@ -149,7 +149,7 @@ def test_a_failed_kaggle_download_names_the_set(tmp_path):
                             "data.source to a local .zip or folder")
 
     with pytest.raises(PipelineError) as excinfo:
-        fetch(tmp_path, "someone/other-hospital", kaggle=offline)
+        fetch(tmp_path, "kaggle:someone/other-hospital", kaggle=offline)
 
     assert str(excinfo.value) == ("external.elsewhere: cannot reach Kaggle to download someone/other-hospital (OSError: "
                                   "offline); check the network, or set external.elsewhere to a local .zip or folder")
@@ -159,20 +159,20 @@ def test_a_missing_local_source_names_the_set_and_the_sources_allowed(tmp_path):
     with pytest.raises(PipelineError) as excinfo:
         fetch(tmp_path, tmp_path / "nowhere.zip")
 
-    assert str(excinfo.value) == (f"external.elsewhere {str(tmp_path / 'nowhere.zip')!r}: no such file or folder (use a "
-                                  "Kaggle handle owner/dataset, a .zip, a folder or an http(s) URL)")
+    assert str(excinfo.value) == (f"external.elsewhere {str(tmp_path / 'nowhere.zip')!r}: no such file or folder (use "
+                                  "kaggle:owner/dataset, a .zip, a folder or an https URL)")
 
 
-def test_sources_that_are_not_kaggle_handles(tmp_path):
+def test_only_kaggle_prefixed_sources_are_kaggle_handles(tmp_path):
     existing = plain_set(tmp_path / "sets" / "local", {"NORMAL": 1})
-    assert kaggle_handle_of("owner/slug") == "owner/slug"
-    assert kaggle_handle_of("owner/slug/versions/2") == "owner/slug/versions/2"
-    for source in ("https://example.org/set.zip", "some/where.zip", str(existing), "a/b/c"):
+    assert kaggle_handle_of("kaggle:owner/slug") == "owner/slug"
+    assert kaggle_handle_of("kaggle:owner/slug/versions/2") == "owner/slug/versions/2"
+    for source in ("owner/slug", "https://example.org/set.zip", "some/where.zip", str(existing), "a/b/c", "kaggle:a/b/c"):
         assert kaggle_handle_of(source) is None, source
 
 
 @pytest.mark.parametrize(("sets", "fragment"), [
-    ({"other": "kaggle"}, "external.other is 'kaggle'; give the Kaggle handle"),
+    ({"other": "kaggle"}, r"external.other is 'kaggle'; give the Kaggle data set instead \(kaggle:owner/dataset"),
     ({"index": "x.zip"}, "external set name 'index'"),
     ({"a/b": "x.zip"}, "external set name 'a/b'"),
 ])

@@ -1,26 +1,34 @@
-"""Fetch the raw data set into ``data/raw`` from Kaggle, a local zip/folder or a URL.
+"""Fetch the raw data set into ``data/raw`` from Kaggle, a local zip/folder or an https URL.
 
-All work happens in a temporary folder beside the destination, which is renamed into
-place only after the Kaggle layout (``Data/{train,test}/<class>/``) has been checked, so
-a failed or interrupted download never leaves partial data that later stages could use.
+The source is resolved and checked first (:mod:`cxr.data.sources`), before anything is deleted
+or written. All work happens in a temporary folder beside the destination, which is renamed into
+place only after the Kaggle layout (``Data/{train,test}/<class>/``) has been checked, so a failed
+or interrupted download never leaves partial data that later stages could use; the old data is
+moved aside before the new is renamed in, and deleted only after. Zips are unpacked and folders
+copied by :mod:`cxr.data.unpack`, URLs downloaded by :mod:`cxr.data.fetch_url`.
 """
 
 from __future__ import annotations
 
-import http.client
+import glob
+import os
+import re
+import secrets
 import shutil
-import tempfile
-import urllib.request
-import zipfile
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cxr import paths
 from cxr.data.candidates import is_candidate_image
+from cxr.data.fetch_url import download_url
+from cxr.data.sources import DEFAULT_LIMITS, Source, SourceLimits, project_of, resolve_source
+from cxr.data.unpack import copy_folder, extract_zip
 from cxr.errors import PipelineError, first_line
 
 SPLITS = ("train", "test")
 KaggleDownloader = Callable[[str, Path], Path]
+WORKDIR_NAME = re.compile(r"[0-9a-f]{8}")  # the random part of a work folder's name (secrets.token_hex(4))
+PREVIOUS = "previous"  # the old destination, inside the work folder between the two renames of an install
 
 
 def kagglehub_download(handle: str, workdir: Path) -> Path:
@@ -54,34 +62,6 @@ def kagglehub_download(handle: str, workdir: Path) -> Path:
             f"cannot reach Kaggle to download {handle} ({type(err).__name__}: {err}); check the network, or set "
             "data.source to a local .zip or folder"
         ) from None
-
-
-def _download_url(url: str, workdir: Path) -> Path:
-    target = workdir / "download.zip"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, target.open("wb") as out:
-            shutil.copyfileobj(response, out)
-            # http.client ends a sized body early without an error when the server hangs up.
-            missing = response.length
-    except (OSError, http.client.HTTPException) as err:
-        raise PipelineError(f"cannot download {url}: {err}") from None
-    if missing:
-        raise PipelineError(f"cannot download {url}: the connection closed with {missing} bytes still to come")
-    return target
-
-
-def _extract_zip(archive: Path, workdir: Path) -> Path:
-    destination = workdir / "unzipped"
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            bad = zf.testzip()
-            if bad is not None:
-                raise PipelineError(f"{archive}: corrupt zip member {bad}")
-            zf.extractall(destination)
-    # Damaged member data surfaces as zlib.error or EOFError, an unsupported method (Deflate64) as NotImplementedError.
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
-        raise PipelineError(f"{archive} is not a valid zip file ({err})") from None
-    return destination
 
 
 def find_data_root(folder: Path) -> Path:
@@ -125,65 +105,91 @@ def check_layout(root: Path, classes: Sequence[str]) -> None:
                 raise PipelineError(f"{class_dir}: class folder is empty")
 
 
-def _materialise_local_or_url(source: str, workdir: Path, key: str = "data.source") -> Path:
-    """Bring a URL's or local path's files into ``workdir`` and return the folder that holds them."""
-    if source.startswith(("http://", "https://")):
-        return _extract_zip(_download_url(source, workdir), workdir)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise PipelineError(f"{key} {source!r}: no such file or folder (use kaggle, a .zip, a folder or an http(s) URL)")
-    if path.is_dir():
-        copy = workdir / "copied"
-        shutil.copytree(path, copy)
-        return copy
-    if path.suffix.lower() == ".zip":
-        return _extract_zip(path, workdir)
-    raise PipelineError(f"{key} {source!r} is neither a folder nor a .zip file")
+def _materialise(source: Source, workdir: Path, kaggle: KaggleDownloader, limits: SourceLimits) -> Path:
+    """Bring the source's files into ``workdir`` and return the folder that holds them."""
+    if source.kind == "kaggle":
+        return _kaggle_into_workdir(kaggle(source.handle, workdir), workdir, source.key, limits)
+    if source.kind == "url":
+        archive = download_url(source, workdir / "download.zip", limits)
+        return extract_zip(archive, workdir / "unzipped", source.shown, limits)
+    assert source.path is not None
+    if source.kind == "zip":
+        return extract_zip(source.path, workdir / "unzipped", source.shown, limits)
+    return copy_folder(Path(source.text), workdir / "copied", source.key)
 
 
-def _kaggle_into_workdir(fetched: Path, workdir: Path) -> Path:
+def _kaggle_into_workdir(fetched: Path, workdir: Path, key: str, limits: SourceLimits) -> Path:
     """Make the downloaded data a folder inside ``workdir``, which the final rename may move.
 
     Inside Kaggle and Colab notebooks ``kagglehub`` ignores ``output_dir`` and returns a
     read-only mounted folder; moving that would fail or take someone else's files, so it is copied.
     """
     if fetched.is_file() and fetched.suffix == ".zip":
-        return _extract_zip(fetched, workdir)
+        return extract_zip(fetched, workdir / "unzipped", str(fetched), limits)
     if not fetched.is_dir() or fetched.resolve().is_relative_to(workdir.resolve()):
         return fetched
-    copy = workdir / "copied"
-    shutil.copytree(fetched, copy)
-    return copy
+    return copy_folder(fetched, workdir / "copied", key)
+
+
+def clear_stale_workdirs(destination: Path) -> None:
+    """Remove the work folders a killed fetch left beside ``destination`` (``.<name>-<8 hex>``).
+
+    A run killed between moving the old data aside and renaming the new data in leaves no
+    ``destination`` but the old data in its work folder: that is put back first.
+    """
+    for stale in sorted(destination.parent.glob(f".{glob.escape(destination.name)}-*")):
+        if not WORKDIR_NAME.fullmatch(stale.name.removeprefix(f".{destination.name}-")) or stale.is_symlink():
+            continue
+        previous = stale / PREVIOUS
+        if previous.is_dir() and not os.path.lexists(destination):
+            previous.rename(destination)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _swap_in(root: Path, workdir: Path, destination: Path) -> None:
+    """Install ``root`` as ``destination``: old data moved aside, new renamed in, old deleted with ``workdir``."""
+    staged = workdir / "staged"
+    root.rename(staged)
+    if os.path.lexists(destination):
+        destination.rename(workdir / PREVIOUS)
+    staged.rename(destination)
 
 
 def install_source(
-    source: str,
-    kaggle_handle: str,
+    source: str | Source,
+    kaggle_handle: str | None,
     destination: Path,
     locate: Callable[[Path], Path],
     kaggle: KaggleDownloader = kagglehub_download,
     key: str = "data.source",
+    limits: SourceLimits = DEFAULT_LIMITS,
+    project: Path | None = None,
 ) -> Path:
     """Fetch ``source`` and atomically install, as ``destination``, the folder ``locate`` picks (and checks) in it.
 
-    ``source`` is ``kaggle`` (then ``kaggle_handle`` is downloaded), a local .zip or folder, or an
-    http(s) URL of a zip; ``key`` names the param in error messages. Shared by the training data
-    (``data.source``) and the external test sets, so both are fetched and checked the same way.
+    ``source`` is a resolved :class:`~cxr.data.sources.Source`, or a param value resolved here (see
+    :func:`~cxr.data.sources.resolve_source`: ``kaggle`` means ``kaggle_handle``; ``key`` names the param
+    in error messages; ``project`` is the folder whose output folders are protected). Shared by the
+    training data (``data.source``) and the external test sets, so both are fetched and checked the
+    same way. The work happens in ``.<destination name>-<8 hex>`` beside ``destination``, removed
+    afterwards, and by the next fetch if this one is killed.
     """
     destination = Path(destination)
+    if isinstance(source, str):
+        source = resolve_source(source, key, destination, kaggle_handle, project)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{destination.name}-") as tmp:
-        workdir = Path(tmp)
-        if source == "kaggle":
-            fetched = _kaggle_into_workdir(kaggle(kaggle_handle, workdir), workdir)
-        else:
-            fetched = _materialise_local_or_url(source, workdir, key)
-        root = locate(fetched)
-        staged = workdir / "staged"
-        root.rename(staged)
-        if destination.exists():
-            shutil.rmtree(destination)
-        staged.rename(destination)
+    clear_stale_workdirs(destination)
+    workdir = destination.parent / f".{destination.name}-{secrets.token_hex(4)}"
+    workdir.mkdir()
+    try:
+        fetched = _materialise(source, workdir, kaggle, limits)
+        try:
+            root = locate(fetched)
+        except PipelineError as err:  # name the user's source, not the work folder deleted below
+            raise PipelineError(str(err).replace(str(fetched), source.shown)) from None
+        _swap_in(root, workdir, destination)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     return destination
 
 
@@ -193,12 +199,14 @@ def fetch_dataset(
     classes: Sequence[str],
     destination: Path,
     kaggle: KaggleDownloader = kagglehub_download,
+    limits: SourceLimits = DEFAULT_LIMITS,
 ) -> Path:
-    """Fetch ``source`` and atomically install its ``Data`` root as ``destination``."""
+    """Fetch ``source`` (the value of ``data.source``) and atomically install its ``Data`` root as ``destination``."""
 
     def data_root(fetched: Path) -> Path:
         root = find_data_root(fetched)
         check_layout(root, classes)
         return root
 
-    return install_source(source, kaggle_handle, destination, data_root, kaggle)
+    project = project_of(destination, paths.RAW)
+    return install_source(source, kaggle_handle, destination, data_root, kaggle, limits=limits, project=project)

@@ -1,8 +1,8 @@
 """External validation: fetch another data set and score every trained model and the ensemble on it.
 
 Nothing is retrained or refitted here. Each set named under ``external`` in params.yaml is
-fetched with the code that fetches ``data.source`` (a Kaggle handle, a .zip, a folder or an
-http(s) URL) and its scored images are installed as ``data/external/<name>/<class>/``. Images
+fetched with the code that fetches ``data.source`` (``kaggle:owner/dataset``, a .zip, a folder
+or an https URL) and its scored images are installed as ``data/external/<name>/<class>/``. Images
 go through the pipeline's own decoding at each model's image size, the approaches in
 ``evaluate.tta`` are scored with test-time augmentation as the evaluate stage scores them,
 and the ensemble averages the models' probabilities with the weights compare uses.
@@ -21,10 +21,21 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cxr import paths
 from cxr.approaches import ENSEMBLE
 from cxr.data.candidates import is_candidate_image
 from cxr.data.download import KaggleDownloader, find_data_root, install_source, kagglehub_download
 from cxr.data.preprocess import iter_decoded
+from cxr.data.sources import (
+    DEFAULT_LIMITS,
+    KAGGLE,
+    KAGGLE_HANDLE,
+    KAGGLE_PREFIX,
+    Source,
+    SourceLimits,
+    project_of,
+    resolve_source,
+)
 from cxr.errors import PipelineError
 from cxr.evaluation.inference import load_trained_model
 from cxr.evaluation.predictions import predictions_frame
@@ -35,25 +46,30 @@ from cxr.training.models import load_checkpoint
 
 SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESERVED_NAMES = frozenset({"index"})  # metrics/external/index.json lists the sets
-KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+(/versions/\d+)?$")
 MAX_WRAPPING_DEPTH = 3  # top folders a re-packed zip may add around the class folders, as find_data_root allows
 
 
 def check_sets(external: Mapping[str, str]) -> None:
-    """Reject set names that cannot be file names of their own and the ``kaggle`` source, which needs a handle."""
+    """Reject set names that cannot be file names of their own, and Kaggle sources not written ``kaggle:owner/dataset``."""
     for name, source in external.items():
         if not SET_NAME.match(name) or name in RESERVED_NAMES:
             raise PipelineError(f"params.yaml: external set name {name!r}: use letters, digits, - and _ (not 'index')")
-        if source == "kaggle":
-            raise PipelineError(f"params.yaml: external.{name} is 'kaggle'; give the Kaggle handle instead "
-                                "(owner/dataset or owner/dataset/versions/N)")
+        if source == KAGGLE:
+            raise PipelineError(f"params.yaml: external.{name} is 'kaggle'; give the Kaggle data set instead "
+                                "(kaggle:owner/dataset or kaggle:owner/dataset/versions/N)")
 
 
 def kaggle_handle_of(source: str) -> str | None:
-    """``source`` when it reads as a Kaggle handle rather than a URL or an existing local path."""
-    if source.startswith(("http://", "https://")) or source.lower().endswith(".zip") or Path(source).expanduser().exists():
+    """The Kaggle handle of a ``kaggle:owner/dataset[/versions/N]`` source, else ``None`` (a path or URL)."""
+    if not source.startswith(KAGGLE_PREFIX):
         return None
-    return source if KAGGLE_HANDLE.match(source) else None
+    handle = source[len(KAGGLE_PREFIX):]
+    return handle if KAGGLE_HANDLE.match(handle) else None
+
+
+def resolve_external(name: str, source: str, destination: Path) -> Source:
+    """Resolve and check one set's source (see :func:`~cxr.data.sources.resolve_source`) before anything is written."""
+    return resolve_source(source, f"external.{name}", destination, None, project_of(destination.parent, paths.EXTERNAL_DATA))
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -102,11 +118,13 @@ def locate_scored_folder(fetched: Path, classes: Sequence[str], key: str) -> tup
 
 
 def fetch_external(
-    name: str, source: str, classes: Sequence[str], destination: Path, kaggle: KaggleDownloader = kagglehub_download
+    name: str, source: str | Source, classes: Sequence[str], destination: Path,
+    kaggle: KaggleDownloader = kagglehub_download, limits: SourceLimits = DEFAULT_LIMITS,
 ) -> str:
     """Fetch one set and install its scored class folders as ``destination``; returns the scope.
 
-    Every failure names the set's params key, since several sets may be fetched in one run.
+    ``source`` is the param value or its :func:`resolve_external` result. Every failure names the
+    set's params key, since several sets may be fetched in one run.
     """
     key = f"external.{name}"
     found: dict[str, str] = {}
@@ -115,13 +133,12 @@ def fetch_external(
         folder, found["scope"] = locate_scored_folder(fetched, classes, key)
         return folder
 
-    handle = kaggle_handle_of(source)
     try:
-        install_source("kaggle" if handle else source, handle or "", destination, scored_folder, kaggle, key)
+        resolved = source if isinstance(source, Source) else resolve_external(name, source, destination)
+        install_source(resolved, None, destination, scored_folder, kaggle, key, limits)
     except PipelineError as err:
         # the shared Kaggle errors point at the training data's params; here the set's own key is the one to fix
         message = str(err).replace("data.kaggle_handle", key).replace("data.source", key)
-        message = message.replace("(use kaggle, ", "(use a Kaggle handle owner/dataset, ")
         raise PipelineError(message if message.startswith(key) else f"{key}: {message}") from None
     return found["scope"]
 

@@ -12,6 +12,7 @@ import pandas as pd
 
 from cxr import paths
 from cxr.approaches import APPROACHES
+from cxr.data.sources import shown_source
 from cxr.evaluation.external import (
     DecodedSet,
     decode_set,
@@ -57,7 +58,7 @@ def score_sets(params: Params, scopes: dict[str, str]) -> dict[str, str]:
     for name, scope in scopes.items():
         frames = score_set(scorers, decoded[name], classes, weights, params.evaluate.batch_size, device, layout)
         report = {
-            "name": name, "source": params.external[name], "scope": scope, "skipped": len(decoded[name].skipped),
+            "name": name, "source": shown_source(params.external[name]), "scope": scope, "skipped": len(decoded[name].skipped),
             "tta": [approach for approach in APPROACHES if approach in params.evaluate.tta],
             "ensemble_weights": weights, "bootstrap_resamples": settings.bootstrap_resamples,
             **set_report(frames, internal, classes, settings.bootstrap_resamples, settings.bootstrap_seed),
