@@ -5,16 +5,27 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test test-fast bench clean-venv
+.PHONY: install repro test test-fast bench lock clean-venv
 
 install: $(STAMP)
 
-# Reinstall whenever the project's dependencies change.
-$(STAMP): pyproject.toml
+# Reinstall whenever the project's dependencies change: the pinned versions of requirements.lock,
+# then the project itself without resolving anything again.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
+
+# Refresh requirements.lock after editing the dependencies in pyproject.toml (Linux x86_64, this
+# Python). Where pip is capped to the torch releases on a machine's disk, the cap applies here too.
+PIP_CAP := $(wildcard /etc/xdg/pip/constraints.txt)
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet pip-tools
+	.venv-lock/bin/pip-compile --quiet --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+		$(if $(PIP_CAP),--constraint $(PIP_CAP)) --output-file requirements.lock pyproject.toml
 
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

@@ -21,7 +21,8 @@ from PIL import Image
 from cxr.data.images import decode_grayscale
 from cxr.errors import ImageDecodeError
 from cxr.predict import main as predict_main
-from test_bad_inputs_images import checkpoint_path, dicom_bytes, png_bytes  # noqa: F401 (fixture)
+
+from test_bad_inputs import checkpoint_path, dicom_bytes, png_bytes  # noqa: F401 (fixture)
 
 SIZE = 16
 
