@@ -2,12 +2,19 @@
 
 import socket
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.nn import functional as F
 from torchvision.models import resnet18
 
 from cxr.errors import PipelineError
+from cxr.evaluation.inference import load_trained_model
 from cxr.lung_box import center_box
+from cxr.params import TrainParams
+from cxr.predict import load_model
+from cxr.training.loop import model_args_for
 from cxr.training.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -134,3 +141,57 @@ def test_the_lung_box_travels_in_the_checkpoint(tmp_path):
     assert restored.norm.lung_box == 0.5
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(model(x), restored(x))
+
+
+def pil_bilinear_crop(x: torch.Tensor, lung_box: float) -> torch.Tensor:
+    """The centred box of each (1, S, S) image, sliced by hand and enlarged to S x S by PIL's bilinear filter."""
+    size = x.shape[-1]
+    side = round(size * lung_box)
+    start = (size - side) // 2
+    resized = [
+        np.asarray(Image.fromarray(image[0, start:start + side, start:start + side].numpy(), mode="F")
+                   .resize((size, size), Image.Resampling.BILINEAR))
+        for image in x
+    ]
+    return torch.from_numpy(np.stack(resized)).unsqueeze(1)
+
+
+@pytest.mark.parametrize("size", [32, 45])
+@pytest.mark.parametrize("lung_box", [0.5, 0.7])
+@pytest.mark.parametrize("arch, mean, std", [("custom_cnn", [0.4], [0.2]), ("resnet18", IMAGENET_MEAN, IMAGENET_STD)])
+def test_a_crop_model_feeds_its_body_the_bilinear_enlargement_of_the_centred_box(size, lung_box, arch, mean, std):
+    model = build_model(arch, 3, mean, std, width=8, lung_box=lung_box, crop=True).eval()
+    x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(size))
+    expected = (pil_bilinear_crop(x, lung_box) - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    assert model.norm.border == "crop"
+    torch.testing.assert_close(model.norm(x), expected, rtol=0, atol=1e-5)
+    rows, cols = center_box(size, lung_box)
+    resized = F.interpolate(x[..., rows, cols], size=(size, size), mode="bilinear", align_corners=False)
+    keep = build_model(arch, 3, mean, std, width=8).norm
+    torch.testing.assert_close(model.norm(x), keep(resized), rtol=0, atol=1e-6)
+    other_border = torch.rand(2, 1, size, size)
+    other_border[..., rows, cols] = x[..., rows, cols]
+    assert torch.equal(model(x), model(other_border))
+
+
+def test_crop_needs_a_box():
+    with pytest.raises(ValueError, match="crop needs a lung_box"):
+        build_model("custom_cnn", 3, [0.4], [0.2], width=8, crop=True)
+
+
+@pytest.mark.parametrize("border, lung_box", [("keep", 0.0), ("hide", 0.5), ("crop", 0.5)])
+def test_a_border_recipe_travels_in_the_checkpoint_to_predict_and_evaluate(border, lung_box, tmp_path):
+    images = torch.randint(0, 256, (4, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    args = model_args_for("custom", TrainParams(border=border, lung_box=0.5, width=8), images, 3)
+    assert (args["lung_box"], args["crop"]) == (lung_box, border == "crop")
+    model = build_model(**args).eval()
+    path = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "model_args": args, "approach": "custom", "classes": ["A", "B", "C"],
+                "image_size": 32}, path)
+    predicted, _ = load_model(path, torch.device("cpu"))
+    evaluated, _ = load_trained_model(path, ["A", "B", "C"], torch.device("cpu"))
+    x = torch.rand(2, 1, 32, 32)
+    for restored in (predicted, evaluated):
+        assert restored.norm.border == border and restored.norm.lung_box == lung_box
+        torch.testing.assert_close(restored.norm(x), model.norm(x), rtol=0, atol=0)
+        torch.testing.assert_close(restored(x), model(x))

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cxr.evaluation.saliency import gallery, gradcam_heatmaps, misclassified, overlay, select_examples
+from cxr.lung_box import center_box
 from cxr.training.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
@@ -241,3 +242,28 @@ def test_gradcam_gallery_explains_the_class_the_table_predicted(tmp_path: Path, 
     chosen = select_examples(predictions, CLASSES, per_class=2)
     assert explained["targets"] == [CLASSES.index(name) for name in chosen["predicted"]]
     assert (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("lung_box", [0.5, 0.7])
+def test_a_crop_models_map_lies_on_its_box_of_the_film_and_is_zero_around_it(lung_box):
+    crop = build_model("custom_cnn", 3, [0.5], [0.25], width=8, lung_box=lung_box, crop=True).eval()
+    keep = _tiny_cnn().eval()
+    keep.load_state_dict(crop.state_dict())
+    images = _images(3, seed=4)
+    rows, cols = center_box(64, lung_box)
+    side = rows.stop - rows.start
+    enlarged = torch.nn.functional.interpolate(images[..., rows, cols], size=(64, 64), mode="bilinear",
+                                               align_corners=False)
+    seen = gradcam_heatmaps(keep, enlarged)  # what the cropping model looks at, over its own input
+    expected = np.zeros((3, 64, 64), dtype=np.float32)
+    for index, heatmap in enumerate(seen):
+        expected[index, rows, cols] = np.asarray(
+            Image.fromarray(heatmap, mode="F").resize((side, side), Image.Resampling.BILINEAR))
+
+    heatmaps = gradcam_heatmaps(crop, images)
+
+    _check_heatmaps(heatmaps, 3, 64, 64)
+    np.testing.assert_allclose(heatmaps, expected, rtol=0, atol=1e-4)
+    outside = np.ones((64, 64), dtype=bool)
+    outside[rows, cols] = False
+    assert not heatmaps[:, outside].any()  # the gallery's overlay draws these maps: no heat on the film around the box

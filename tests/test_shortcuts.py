@@ -32,6 +32,7 @@ from cxr.reporting.shortcuts import (
     shortcuts_png,
 )
 from cxr.training.loop import train_approach
+from cxr.training.models import build_model
 
 from test_train import tiny_params
 
@@ -274,3 +275,41 @@ def test_model_scores_give_no_verdict_at_chance_and_a_flag_on_a_clear_shortcut()
                                    "probe": probe_verdict({"center_hidden": weak["intact"]}, chance, 0.1)})
     custom_row, extract_row = (line for line in markdown.splitlines() if line.startswith(("| Custom", "| Feature")))
     assert custom_row.endswith("| no verdict |") and extract_row.endswith("| shortcut |")
+
+
+# --- hide and crop models: numbers met by construction carry no verdict --------------------------------
+
+SHORTCUT_LIKE = scored((0.95, 0.92, 0.98), (0.93, 0.9, 0.96), (0.4, 0.35, 0.45), (0.97, 0.9, 1.03), (0.1, 0.0, 0.2))
+LUNGS_LIKE = scored((0.95, 0.92, 0.98), (0.36, 0.3, 0.42), (0.93, 0.9, 0.96), (0.04, -0.05, 0.13), (0.97, 0.9, 1.03))
+
+
+@pytest.mark.parametrize("border", ["hide", "crop"])
+@pytest.mark.parametrize(("entry", "verdict_if_kept"), [(SHORTCUT_LIKE, "shortcut"), (LUNGS_LIKE, "lungs")])
+def test_a_hide_or_crop_model_gets_no_verdict_from_the_lungs_hidden_view(border, entry, verdict_if_kept):
+    assert model_verdict({**entry, "border": "keep"}, chance=1 / 3, flag_share=0.5)["verdict"] == verdict_if_kept
+    result = model_verdict({**entry, "border": border}, chance=1 / 3, flag_share=0.5)
+    assert result["verdict"] == "none" and not result["flagged"]
+    assert result["reading"].startswith(f"No verdict, by construction: trained with border: {border},")
+    for claim in ("outside the lungs, such", "relies mostly", "%"):  # no reading drawn from the numbers
+        assert claim not in result["reading"]
+
+
+def test_the_audit_records_the_border_and_gives_a_crop_model_no_grad_cam_mass():
+    torch.manual_seed(0)
+    models = {name: build_model("custom_cnn", 3, [0.5], [0.25], width=8, lung_box=box, crop=name == "finetune").eval()
+              for name, box in (("custom", 0.0), ("extract", 0.5), ("finetune", 0.5))}
+    images = np.random.default_rng(0).integers(0, 256, size=(12, 64, 64)).astype(np.uint8)
+    labels = np.repeat(np.arange(3), 4)
+    score = partial(class_probabilities, batch_size=32, device=CPU)
+    audit = shortcut_audit({name: (model, model) for name, model in models.items()}, models["custom"], images, labels,
+                           list(CLASSES), 128, ShortcutsParams(center_fraction=0.5, cam_per_class=2), score, 50, 0)
+    entries = audit["models"]
+    assert [entries[name]["border"] for name in models] == ["keep", "hide", "crop"]
+    assert entries["finetune"]["cam_inside_center"] is None
+    assert set(entries["extract"]["cam_inside_center"]["per_class"]) == set(CLASSES)
+    assert all("by construction" in entries[name]["reading"] for name in ("extract", "finetune"))
+    assert "by construction" not in entries["custom"]["reading"]
+    rows = {line.split(" | ")[0]: line for line in shortcuts_markdown(audit).splitlines() if line.startswith("| ")}
+    assert rows["| Fine-tuning (ResNet-18)"].endswith("| - (crops to the box: 1 by construction) | "
+                                                  "no verdict (border: crop, by construction) |")
+    assert rows["| Feature extraction (ResNet-18)"].endswith("| no verdict (border: hide, by construction) |")

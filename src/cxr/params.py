@@ -22,7 +22,7 @@ Optimizer = Literal["adamw", "sgd"]
 Scheduler = Literal["onecycle", "cosine", "none"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 AmpDtype = Literal["none", "bf16", "fp16"]
-Border = Literal["keep", "hide"]
+Border = Literal["keep", "hide", "crop"]
 OPTIMIZERS, SCHEDULERS, DEVICES, AMP_DTYPES = (get_args(choice) for choice in (Optimizer, Scheduler, Device, AmpDtype))
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 

@@ -18,9 +18,11 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
+from torch.nn import functional as F
 
 from cxr.errors import PipelineError
 from cxr.evaluation.predictions import PROB_PREFIX
+from cxr.lung_box import center_box
 from cxr.reporting.pngs import png_figure
 from cxr.training.models import Classifier
 
@@ -82,7 +84,8 @@ def gradcam_heatmaps(
     """Grad-CAM of ``images`` (N, 1, H, W) in [0, 1] as float32 (N, H, W) maps in [0, 1].
 
     ``target_classes`` (one per image) picks the class explained; None explains the
-    predicted class. Runs on the model's device; works for a frozen body too.
+    predicted class. Runs on the model's device; works for a frozen body too. A model that
+    crops to its lung box gets its maps placed on that box of the image (:func:`onto_film`).
     """
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"images must be (N, 1, H, W), got {tuple(images.shape)}")
@@ -105,7 +108,25 @@ def gradcam_heatmaps(
             completed = True
     if not completed:
         raise RuntimeError("Grad-CAM stopped early: pytorch_grad_cam swallowed an IndexError (its message is on stdout)")
-    return np.clip(np.nan_to_num(heatmaps, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    heatmaps = np.clip(np.nan_to_num(heatmaps, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    return onto_film(heatmaps, model.norm.lung_box) if model.norm.crop else heatmaps
+
+
+def onto_film(heatmaps: np.ndarray, lung_box: float) -> np.ndarray:
+    """Maps (N, S, S) of a model that crops to ``lung_box`` placed on the box of the film it was shown.
+
+    ``pytorch_grad_cam`` scales a map to the model's input, which for a cropping model is the
+    box enlarged to the whole image; stretched over the film, the map would point at the border.
+    It is shrunk back to the box (bilinear, antialiased) and the film around it gets 0: the
+    model never saw it.
+    """
+    rows, cols = center_box(heatmaps.shape[-1], lung_box)
+    side = rows.stop - rows.start
+    shrunk = F.interpolate(torch.from_numpy(heatmaps).unsqueeze(1), size=(side, side), mode="bilinear",
+                           align_corners=False, antialias=True)
+    placed = np.zeros_like(heatmaps)
+    placed[:, rows, cols] = shrunk[:, 0].clamp_(0.0, 1.0).numpy()
+    return placed
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:

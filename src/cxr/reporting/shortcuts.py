@@ -95,11 +95,19 @@ def model_verdict(entry: dict[str, Any], chance: float, flag_share: float) -> di
 
     A verdict needs evidence: a model whose intact accuracy interval reaches chance has no skill
     whose source could be traced, and a retained share whose interval holds ``flag_share``
-    could lie on either side of the flag; both get "no verdict" instead of a guess.
+    could lie on either side of the flag; both get "no verdict" instead of a guess. So does a
+    model trained with ``border: hide`` or ``crop`` (``entry["border"]``): it never sees the film
+    around its box, so its fall with the lungs hidden is met by construction, not evidence.
     """
     intact, hidden, lungs_only = (entry[view]["accuracy"] for view in ("intact", "center_hidden", "border_hidden"))
     kept, kept_by_lungs = entry["retained_share"], entry["lungs_only_share"]
-    if intact["ci_low"] <= chance:
+    border = entry.get("border", "keep")
+    if border != "keep":
+        verdict, reading = "none", (
+            f"No verdict, by construction: trained with border: {border}, it never sees the film outside its centred "
+            "box, so covering the lung fields leaves it little or nothing but grey and its fall towards chance is no "
+            "evidence; this test cannot show whether it reads the lungs.")
+    elif intact["ci_low"] <= chance:
         verdict, reading = "none", (f"No verdict: its intact accuracy {_ci(intact)} is not above chance ({chance:.3f}), "
                                     "so there is no skill whose source this test could trace.")
     elif _spans(kept, flag_share):
@@ -151,6 +159,18 @@ def _ci(entry: Mapping[str, float]) -> str:
     return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
 
 
+def _cam_cell(entry: Mapping[str, Any]) -> str:
+    """The Grad-CAM column: the mass inside the box, or why a cropping model has none (it would be 1 by construction)."""
+    cam = entry["cam_inside_center"]
+    return "- (crops to the box: 1 by construction)" if cam is None else _ci(cam["all"])
+
+
+def _flag(entry: Mapping[str, Any]) -> str:
+    """The flag column; a hide or crop model's "no verdict" says that its numbers are met by construction."""
+    flag = FLAGS[entry["verdict"]]
+    return f"{flag} (border: {entry['border']}, by construction)" if entry.get("border", "keep") != "keep" else flag
+
+
 def shortcuts_markdown(audit: Mapping[str, Any]) -> str:
     """The report section: a table per view with intervals, Grad-CAM inside the lungs, and one reading per model."""
     chance = audit["chance"]
@@ -168,7 +188,7 @@ def shortcuts_markdown(audit: Mapping[str, Any]) -> str:
         lines.append(
             f"| {DISPLAY_NAMES.get(name, name)} | {_ci(entry['intact']['accuracy'])} | "
             f"{_ci(entry['center_hidden']['accuracy'])} | {_ci(entry['border_hidden']['accuracy'])} | "
-            f"{_pct(entry['retained_share'])} | {_ci(entry['cam_inside_center']['all'])} | {FLAGS[entry['verdict']]} |"
+            f"{_pct(entry['retained_share'])} | {_cam_cell(entry)} | {_flag(entry)} |"
         )
     probe = audit[PROBE]
     lines.append(f"| Border probe (trained without the lungs) | - | {_ci(probe['center_hidden']['accuracy'])} | - | - | - | "

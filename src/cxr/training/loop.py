@@ -118,7 +118,8 @@ def model_args_for(approach: str, recipe: TrainParams, train_images: torch.Tenso
         "std": std,
         "width": recipe.width,
         "dropout": recipe.dropout,
-        "lung_box": recipe.lung_box if recipe.border == "hide" else 0.0,
+        "lung_box": recipe.lung_box if recipe.border != "keep" else 0.0,
+        "crop": recipe.border == "crop",
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import ResNet18_Weights, resnet18
 
 from cxr.errors import PipelineError, first_line
@@ -29,23 +30,52 @@ _PLAIN = (bool, int, float, str, type(None))
 CHECKPOINT_KEYS = ("model", "model_args", "classes", "image_size", "approach")  # what the consumers read
 
 
+def bilinear_weights(side: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The (size, side) matrix that resizes a length-``side`` line to ``size`` points, bilinearly.
+
+    Taken from ``F.interpolate`` (half-pixel centres, ``align_corners=False``) applied to the
+    identity, so ``R @ box @ R.T`` is exactly its bilinear resize, yet made of matrix products:
+    their backward pass (Grad-CAM's) is deterministic on a GPU, the resize kernel's is not.
+    """
+    eye = torch.eye(side, device=device, dtype=torch.float32).view(1, 1, side, side)
+    return F.interpolate(eye, size=(size, side), mode="bilinear", align_corners=False)[0, 0].to(dtype)
+
+
 class InputNorm(nn.Module):
     """Normalise 1-channel [0, 1] input and repeat it to the body's channel count.
 
-    With ``lung_box`` set (``border: hide``), everything outside the centred box of that
-    share of the side becomes 0, the normalised mean grey, so the model cannot read the
-    film around the lungs in training, evaluation or ``cxr-predict`` alike.
+    With ``lung_box`` set the model sees only the centred box of that share of the side,
+    in training, evaluation, Grad-CAM and ``cxr-predict`` alike: ``border: hide`` turns
+    everything outside it into 0 (the normalised mean grey); ``border: crop`` (``crop``)
+    resizes the box bilinearly to the input's size, so the lungs get the pixels hiding
+    spends on grey. The box is always smaller than the input, so the resize only enlarges.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], lung_box: float = 0.0) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], lung_box: float = 0.0, crop: bool = False) -> None:
         super().__init__()
+        if crop and not lung_box:
+            raise ValueError("crop needs a lung_box to crop to")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.lung_box = lung_box
+        self.crop = crop
+
+    @property
+    def border(self) -> str:
+        """The ``train_*.border`` option this module applies: keep, hide or crop."""
+        return "crop" if self.crop else "hide" if self.lung_box else "keep"
+
+    def cropped(self, x: torch.Tensor) -> torch.Tensor:
+        """The centred ``lung_box`` of ``x`` (N, C, S, S) resized bilinearly back to S x S."""
+        rows, cols = center_box(x.shape[-1], self.lung_box)
+        weights = bilinear_weights(rows.stop - rows.start, x.shape[-1], x.device, x.dtype)
+        return weights @ x[..., rows, cols] @ weights.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.crop:
+            x = self.cropped(x)
         normed = (x.expand(-1, self.mean.shape[1], -1, -1) - self.mean) / self.std
-        if not self.lung_box:
+        if self.border != "hide":
             return normed
         rows, cols = center_box(x.shape[-1], self.lung_box)
         hidden = torch.zeros_like(normed)
@@ -147,8 +177,13 @@ def build_model(
     dropout: float = 0.0,
     backbone_state: dict[str, torch.Tensor] | None = None,
     lung_box: float = 0.0,
+    crop: bool = False,
 ) -> Classifier:
-    """Build a classifier; ``backbone_state`` (ResNet only) initialises the body; ``lung_box`` > 0 hides the border."""
+    """Build a classifier; ``backbone_state`` (ResNet only) initialises the body.
+
+    ``lung_box`` > 0 hides the border around the centred box, or with ``crop`` crops to that box
+    (see :class:`InputNorm`); checkpoints from before ``crop`` existed lack it and rebuild as before.
+    """
     if arch == "custom_cnn":
         body, features, cam_layer = custom_cnn_body(width), width * 8, "body.5"
     elif arch == "resnet18":
@@ -156,7 +191,7 @@ def build_model(
     else:
         raise PipelineError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHS)}")
     head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
-    return Classifier(InputNorm(mean, std, lung_box), body, head, cam_layer)
+    return Classifier(InputNorm(mean, std, lung_box, crop), body, head, cam_layer)
 
 
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
