@@ -9,7 +9,7 @@ were, no work folder left behind, and memory and disk within the stated bounds.
 
 Sections: sources (zips, folders, URLs: cases 1-5, 12, 13); images (cases 6-8, each one
 ImageDecodeError line, skipped by preprocess and cxr-predict, bounded memory); checkpoints, the
-``evaluate.groups`` CSV and params.yaml (cases 9-11). The property-based fuzz of the decoder is
+``groups`` CSV and params.yaml (cases 9-11). The property-based fuzz of the decoder is
 in tests/test_fuzz_decode.py.
 """
 
@@ -54,6 +54,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 
 from cxr.data import images
 from cxr.data.download import fetch_dataset
+from cxr.data.groups import load_groups, log_matches
 from cxr.data.images import decode_grayscale
 from cxr.data.preprocess import preprocess_split
 from cxr.data.sources import PIPELINE_OUTPUTS, Source, SourceLimits, human_size
@@ -64,7 +65,7 @@ from cxr.evaluation.predictions import predictions_frame
 from cxr.files import read_json
 from cxr.params import GroupsParams, load_params
 from cxr.predict import main as predict_main
-from cxr.reporting.subgroups import load_groups, log_matches, subgroup_report, subgroups_markdown
+from cxr.reporting.subgroups import subgroup_report, subgroups_markdown
 from cxr.training.models import build_model
 
 from conftest import CLASSES, make_kaggle_tree, make_kaggle_zip, write_processed
@@ -962,6 +963,13 @@ def _number_of_frames_abc() -> bytes:
     return data.replace(valid, invalid)
 
 
+def _unknown_transfer_syntax() -> bytes:
+    """Explicit VR Little Endian's UID with its first digit changed: no transfer syntax (found by the fuzz test)."""
+    data = dicom_bytes()
+    assert data.count(b"1.2.840.10008.1.2.1\x00") == 1
+    return data.replace(b"1.2.840.10008.1.2.1\x00", b"0.2.840.10008.1.2.1\x00")
+
+
 def _float_tiff(bad_value: float) -> bytes:
     pixels = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     pixels[3, 3] = bad_value
@@ -997,6 +1005,7 @@ CASES: dict[str, tuple[Callable[[], bytes], str]] = {
         lambda: dicom_bytes(_set(SamplesPerPixel=3)),
         "DICOM SamplesPerPixel is 3, but photometric interpretation 'MONOCHROME2' has 1",
     ),
+    "transfer_syntax_unknown.dcm": (_unknown_transfer_syntax, "unknown DICOM transfer syntax '0.2.840.10008.1.2.1'"),
     "nan.tif": (lambda: _float_tiff(np.nan), NON_FINITE),
     "inf.tif": (lambda: _float_tiff(np.inf), NON_FINITE),
 }
@@ -1312,7 +1321,7 @@ def test_a_bad_checkpoint_is_one_line_where_external_reads_it(case, tmp_path):
         assert image_sizes({"custom": model}) == [32]
 
 
-# --- the evaluate stage: its checkpoint and the evaluate.groups CSV ---------------------------------
+# --- the evaluate stage: its checkpoint and the groups CSV ---------------------------------------
 
 
 def evaluate_project(tmp_path: Path, groups: dict[str, str] | None = None) -> Path:
@@ -1324,7 +1333,8 @@ def evaluate_project(tmp_path: Path, groups: dict[str, str] | None = None) -> Pa
     project = tmp_path / "project"
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"].update(threads=0, device="cpu", reuse_freed_memory=False)
-    raw["evaluate"].update(gradcam_per_class=1, tta=[], groups=groups)
+    raw["evaluate"].update(gradcam_per_class=1, tta=[])
+    raw["groups"] = groups
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     write_processed(project / "data" / "processed", {"val": 1, "test": 3})
@@ -1382,17 +1392,17 @@ def write_csv(path: Path, text: str | bytes) -> Path:
 
 
 GROUPS_CASES: dict[str, tuple[str | bytes, str]] = {
-    "empty": ("", "evaluate.groups: {csv} is empty"),
-    "header_only": ("file,source_repo\n", "evaluate.groups: {csv} has no rows"),
+    "empty": ("", "groups: {csv} is empty"),
+    "header_only": ("file,source_repo\n", "groups: {csv} has no rows"),
     "latin1": ("file,source_repo\ntest/0.jpg,S\xe3o Paulo\n".encode("latin-1"),
-               "evaluate.groups: {csv} is not UTF-8 text"),
+               "groups: {csv} is not UTF-8 text"),
     "unclosed_quote": ('file,source_repo\n"test/0.jpg,a\n',
-                       "evaluate.groups: {csv} is not a readable CSV: Error tokenizing data. "
+                       "groups: {csv} is not a readable CSV: Error tokenizing data. "
                        "C error: EOF inside string starting at row 1"),
-    "no_group_column": ("file,site\ntest/0.jpg,a\n", "evaluate.groups: {csv} has no column 'source_repo'"),
+    "no_group_column": ("file,site\ntest/0.jpg,a\n", "groups: {csv} has no column 'source_repo'"),
     "two_groups_for_one_image": ("file,source_repo\nData/test/0.jpg,a\ntest/1.jpg,a\ntest/0.jpg,b\n",
-                                 "evaluate.groups: {csv} lists 'test/0.jpg' twice with different groups: 'a' and 'b'"),
-    "a_folder": (b"", "evaluate.groups.csv: no such file {csv}"),
+                                 "groups: {csv} lists 'test/0.jpg' twice with different groups: 'a' and 'b'"),
+    "a_folder": (b"", "groups.csv: no such file {csv}"),
 }
 
 
@@ -1417,10 +1427,10 @@ def test_a_bad_groups_csv_stops_the_evaluate_stage_with_one_line(case, tmp_path,
     [
         # every test image, half of them written with the data set's Data/ prefix, one listed twice in one group
         ([f"Data/{p}" if i % 2 else p for i, p in enumerate(TEST_PATHS)] + ["test/0.jpg"],
-         [("INFO", "evaluate.groups: 9 of 9 test images matched a row of {csv}")]),
+         [("INFO", "groups: 9 of 9 test images matched a row of {csv}")]),
         (["test/0.jpg", "test/1.jpg", "test/2.jpg", "test/3.jpg", "elsewhere/4.jpg"],
-         [("INFO", "evaluate.groups: 4 of 9 test images matched a row of {csv}"),
-          ("WARNING", "evaluate.groups: 5 of 9 test images match no row of {csv}; "
+         [("INFO", "groups: 4 of 9 test images matched a row of {csv}"),
+          ("WARNING", "groups: 5 of 9 test images match no row of {csv}; "
                       "its column 'file' should hold paths like 'test/0.jpg'")]),
     ],
     ids=["all_match", "most_unmatched"],
@@ -1431,10 +1441,10 @@ def test_the_evaluate_stage_logs_how_many_test_images_the_groups_csv_matches(lis
     pd.DataFrame({"file": listed, "source_repo": ["site"] * len(listed)}).to_csv(csv, index=False)
     project = evaluate_project(tmp_path, {"csv": str(csv)})
 
-    with caplog.at_level(logging.INFO, logger="cxr.reporting.subgroups"):
+    with caplog.at_level(logging.INFO, logger="cxr.data.groups"):
         assert run_evaluate(project, monkeypatch) == 0
 
-    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "cxr.reporting.subgroups"]
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "cxr.data.groups"]
     assert logged == [(level, message.format(csv=csv)) for level, message in expected]
     assert len(pd.read_csv(project / "metrics" / "predictions" / "custom.csv")) == 9
 
@@ -1451,22 +1461,22 @@ def test_an_image_listed_twice_in_the_same_group_counts_once(tmp_path):
 def test_log_matches_counts_paths_with_or_without_data(tmp_path, caplog):
     settings = GroupsParams(csv="groups.csv")
     groups = pd.Series(["a", "b"], index=["test/0.jpg", "test/1.jpg"])
-    with caplog.at_level(logging.INFO, logger="cxr.reporting.subgroups"):
+    with caplog.at_level(logging.INFO, logger="cxr.data.groups"):
         assert log_matches(settings, groups, pd.Series(["Data/test/0.jpg", "test/1.jpg", "test/2.jpg"])) == 2
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
-        ("INFO", "evaluate.groups: 2 of 3 test images matched a row of groups.csv")]
+        ("INFO", "groups: 2 of 3 test images matched a row of groups.csv")]
 
 
 def test_group_names_cannot_break_the_markdown_table():
     name = "north|south\nwing *A*"
-    frame = pd.DataFrame({"path": ["test/0.jpg"] * 10, "label": ["NORMAL"] * 10, "predicted": ["NORMAL"] * 10})
+    frame = predictions_frame(["test/0.jpg"] * 10, np.ones(10, dtype=int), np.tile([0.1, 0.8, 0.1], (10, 1)), CLASSES)
     report = subgroup_report({"custom": frame}, pd.Series([name], index=["test/0.jpg"]), list(CLASSES), 20, 0)
     assert list(report["custom"]["groups"]) == [name]  # the JSON keeps the raw name
 
     text = subgroups_markdown(report, list(CLASSES), "site|wing")
 
     table = [line for line in text.splitlines() if line.startswith("| north")]
-    assert table == [r"| north\|south wing \*A\* | 10 | 1.000 [1.000, 1.000] | - | 1.000 [1.000, 1.000] | - |"]
+    assert table == [r"| north\|south wing \*A\* | 10 | 1.000 [1.000, 1.000] | - | 1.000 [1.000, 1.000] | - | - | - | - | - |"]
     assert r"(worst group: north\|south wing \*A\*)" in text
     assert r"grouped by site\|wing;" in text
 

@@ -459,8 +459,13 @@ def _dicom_first_frame(source: BinaryIO | Dataset, dataset: Dataset, path: Path)
 
 
 def _dicom_pixel_problem(dataset: Dataset) -> str:
+    """Why pydicom could not decode the pixels: an unknown or a compressed transfer syntax, else damage."""
     transfer_syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-    if transfer_syntax is not None and transfer_syntax.is_compressed:
+    if transfer_syntax is None:
+        return "truncated or corrupt DICOM pixel data"
+    if not transfer_syntax.is_transfer_syntax:  # a damaged or private UID: is_compressed would raise
+        return f"unknown DICOM transfer syntax {str(transfer_syntax)!r}"
+    if transfer_syntax.is_compressed:
         return (
             f"cannot decode DICOM pixel data compressed as '{transfer_syntax.name}' "
             "(install a pydicom decoder plugin such as pylibjpeg or python-gdcm)"
