@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from torch import nn
@@ -71,6 +72,7 @@ def test_the_scaler_state_is_part_of_the_resume_state():
     assert restored.scaler.get_scale() == 64.0
 
 
+@pytest.mark.slow
 def test_deterministic_training_on_cpu_gives_identical_checkpoints(tmp_path):
     def train_in(folder: Path) -> dict:
         write_processed(folder / "data" / "processed", {"train": 24, "val": 8})

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"stage", "images", "images_per_s", "peak_anon_mb", "peak_rss_mb"}
 
 
+@pytest.mark.slow
 def test_scale_benchmark_measures_each_stage_at_each_size(tmp_path):
     out = tmp_path / "scale.json"
     done = subprocess.run(

@@ -93,6 +93,7 @@ def center_audit(tmp_path_factory) -> dict:
     return audit_of(tmp_path_factory.mktemp("center"), "center")
 
 
+@pytest.mark.slow
 def test_a_class_written_in_a_corner_is_flagged_by_occlusion_and_by_the_probe(corner_audit):
     model = corner_audit["models"]["custom"]
     assert model["intact"]["accuracy"]["value"] > 0.9
@@ -102,6 +103,7 @@ def test_a_class_written_in_a_corner_is_flagged_by_occlusion_and_by_the_probe(co
     assert corner_audit["probe"]["center_hidden"]["accuracy"]["value"] > 0.9
 
 
+@pytest.mark.slow
 def test_a_class_shown_only_in_the_lung_box_is_not_flagged(center_audit):
     model = center_audit["models"]["custom"]
     chance = center_audit["chance"]["accuracy"]
@@ -112,6 +114,7 @@ def test_a_class_shown_only_in_the_lung_box_is_not_flagged(center_audit):
     assert not center_audit["probe"]["flagged"]
 
 
+@pytest.mark.slow
 def test_grad_cam_mass_sits_inside_the_box_when_the_signal_does(center_audit, corner_audit):
     inside = center_audit["models"]["custom"]["cam_inside_center"]["all"]["value"]
     outside = corner_audit["models"]["custom"]["cam_inside_center"]["all"]["value"]
@@ -119,6 +122,7 @@ def test_grad_cam_mass_sits_inside_the_box_when_the_signal_does(center_audit, co
     assert set(center_audit["models"]["custom"]["cam_inside_center"]["per_class"]) == set(CLASSES)
 
 
+@pytest.mark.slow
 def test_the_report_section_and_figure_name_every_model_and_the_probe(corner_audit, tmp_path):
     section = shortcuts_markdown(corner_audit)
     assert "Does the model read the lungs?" in section and "Border probe" in section and "Custom CNN" in section

@@ -240,6 +240,7 @@ train_approach("custom", params, Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.
 """
 
 
+@pytest.mark.slow
 def test_reusing_freed_memory_changes_nothing(processed, tmp_path):
     """train.reuse_freed_memory changes glibc's allocator for the whole process (it cannot be undone), so each
     setting trains in a process of its own; the weights must match bit for bit, which is why dvc.yaml does not
