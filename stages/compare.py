@@ -5,6 +5,7 @@ import pandas as pd
 from cxr import paths
 from cxr.approaches import APPROACHES, DISPLAY_NAMES, ENSEMBLE
 from cxr.console import run
+from cxr.data.groups import load_groups, log_matches
 from cxr.files import atomic_write, read_json, write_json, write_text
 from cxr.params import load_params
 from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
@@ -13,7 +14,7 @@ from cxr.reporting.figures import confusion_png, reliability_png, roc_pr_png, wr
 from cxr.reporting.headline import external_scores, headline
 from cxr.reporting.scores import classification_metrics
 from cxr.reporting.shortcuts import shortcuts_markdown
-from cxr.reporting.subgroups import load_groups, log_matches, subgroup_report, subgroups_markdown
+from cxr.reporting.subgroups import subgroup_report, subgroups_markdown
 from cxr.reporting.tables import bar_chart, report_markdown, summary_markdown, summary_table
 
 
@@ -44,12 +45,13 @@ def main() -> None:
     table = summary_table(scores)
     summary = summary_markdown(table, reports, sentences, weights, classes, settings.bootstrap_resamples,
                                params.evaluate.tta) + "\n" + shortcuts_markdown(read_json(paths.SHORTCUTS_JSON))
-    grouping = params.evaluate.groups
+    grouping = params.grouping
     subgroups = {}
     if grouping is not None:
         groups = load_groups(grouping)
         log_matches(grouping, groups, test[ENSEMBLE]["path"])
-        subgroups = subgroup_report(test, groups, classes, settings.bootstrap_resamples, settings.bootstrap_seed)
+        subgroups = subgroup_report(test, groups, classes, settings.bootstrap_resamples, settings.bootstrap_seed,
+                                    params.split.unseen_groups)
         summary += "\n" + subgroups_markdown(subgroups, classes, grouping.group_column)
     write_json(paths.SUBGROUPS_JSON, subgroups)
     write_headlines(reports, subgroups)

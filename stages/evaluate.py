@@ -5,9 +5,9 @@ ensemble weights on them, never on the test set. Approaches listed in ``evaluate
 scored on both splits with test-time augmentation; Grad-CAM shows, on the image as it is,
 why the model favours the class those predictions give. Scores are computed in full fp32
 whatever ``train.amp`` says, so a test result does not depend on the device's precision;
-threads, memory reuse and layout come from ``train`` (speed only). The ``evaluate.groups`` CSV,
-when set, is checked here, where it is first used, and its match rate against the test
-images logged, rather than only in compare, the last stage.
+threads, memory reuse and layout come from ``train`` (speed only). The ``groups`` CSV, when set,
+is checked again here (split checked it first) and its match rate against the test images
+logged, rather than only in compare, the last stage.
 """
 
 import argparse
@@ -15,6 +15,7 @@ import argparse
 from cxr import paths
 from cxr.approaches import APPROACHES, DISPLAY_NAMES
 from cxr.console import run
+from cxr.data.groups import load_groups, log_matches
 from cxr.evaluation.inference import load_trained_model, predict_split
 from cxr.evaluation.saliency import gradcam_gallery, misclassified
 from cxr.evaluation.tta import ViewAveraged
@@ -22,7 +23,6 @@ from cxr.files import atomic_write, write_json
 from cxr.params import load_params
 from cxr.reporting.figures import confusion_png
 from cxr.reporting.scores import classification_metrics
-from cxr.reporting.subgroups import load_groups, log_matches
 from cxr.training.runtime import configure_host, memory_format_of, select_device
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("approach", choices=APPROACHES)
     approach = parser.parse_args().approach
     params = load_params()
-    classes, grouping = params.data.classes, params.evaluate.groups
+    classes, grouping = params.data.classes, params.grouping
     groups = None if grouping is None else load_groups(grouping)  # a broken CSV stops here, before any scoring
     configure_host(params.train)
     device, layout = select_device(params.train.device), memory_format_of(params.train)

@@ -73,9 +73,13 @@ EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
     "evaluate.tta": (["custom", "extract"], EVALUATE | {"shortcuts", "external", "compare"}),
     # Only the Grad-CAM gallery changes: predictions are byte-identical, so compare must not rerun.
     "evaluate.gradcam_per_class": (2, EVALUATE),
-    # The evaluate stages check the groups CSV and log its match rate (outputs byte-identical, so external
-    # stays put); compare writes the subgroup report. The project fixture writes groups.csv.
-    "evaluate.groups": ({"csv": "groups.csv"}, EVALUATE | {"compare"}),
+    # Split checks the groups CSV first and, with no unseen group, writes the same split (so audit stays put);
+    # the evaluate stages check it and log its match rate (outputs byte-identical, so external stays put);
+    # compare writes the subgroup report. The project fixture writes groups.csv.
+    "groups.csv": ("groups.csv", frozenset({"split"}) | EVALUATE | {"compare"}),
+    # Needs groups.csv (set just above): one COVID19 and one NORMAL training image leave train and val, so
+    # every stage that reads the split reruns.
+    "split.unseen_groups": (["north"], FROM_SPLIT),
     # The probe's length retrains only the probe; the audit and the report follow.
     "shortcuts.probe_epochs": (2, frozenset({"train_probe", "shortcuts", "compare"})),
     # A verdict threshold: the audit reruns (its readings may change), no model is retrained.
@@ -103,14 +107,19 @@ def _set_param(project: Path, dotted: str, value: Any) -> Any:
     return old
 
 
+def _site(path: Path) -> str:
+    """The fixture's collections: 'north' is the first COVID19 and the first NORMAL training image, 'south' the rest."""
+    first = path.parent.parent.name == "train" and path == min(path.parent.glob("*.jp*g"))
+    return "north" if first and path.parent.name in ("COVID19", "NORMAL") else "south"
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp_path = tmp_path_factory.mktemp("rerun_scope")
     source = make_kaggle_tree(tmp_path / "images", per_class=8, size=40).parent
     project = make_project(tmp_path, source, image_size=32, epochs=1)
-    test_images = sorted((source / "Data" / "test").rglob("*.jp*g"))
     (project / "groups.csv").write_text("file,source_repo\n" + "".join(
-        f"{path.relative_to(source).as_posix()},{path.parent.name}\n" for path in test_images))
+        f"{path.relative_to(source).as_posix()},{_site(path)}\n" for path in sorted((source / "Data").rglob("*.jp*g"))))
     first = sh(project, "dvc", "repro")
     assert ran_stages(first) == ALL_STAGES, first[-3000:]
     return project

@@ -1,16 +1,23 @@
-"""Indexing and the patient-grouped, stratified train/validation split."""
+"""Indexing, the patient-grouped, stratified train/validation split, and collections held out of training."""
 
 from __future__ import annotations
 
+import json
+import runpy
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from cxr.data.split import class_counts, index_split, make_splits, patient_id, split_train_val
 from cxr.errors import PipelineError
+from cxr.params import parse_params
 
 from conftest import CLASSES, make_kaggle_tree
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Unequal class sizes, so stratification has something to keep; PNEUMONIA has two images per patient.
 PER_CLASS = {"COVID19": 8, "NORMAL": 16, "PNEUMONIA": 24}
@@ -188,3 +195,111 @@ def test_class_counts_lists_every_class_even_when_absent(splits):
     assert counts["val"]["total"] == len(without_covid["val"])
     assert counts["test"] == {**PER_CLASS, "total": sum(PER_CLASS.values())}
     assert all(type(value) is int for split in counts.values() for value in split.values())
+
+
+# --- split.unseen_groups: whole collections kept out of train and val -----------------------------------------
+
+
+def test_left_out_images_are_in_neither_train_nor_val_and_the_test_split_is_untouched(data_root, splits):
+    indexed = index_split(data_root, "train", CLASSES)
+    leave_out = set(indexed["path"].iloc[::3])
+
+    held = make_splits(data_root, CLASSES, VAL_FRACTION, seed=42, leave_out=leave_out)
+
+    together = pd.concat([held["train"], held["val"]])
+    assert sorted(together["path"]) == sorted(set(indexed["path"]) - leave_out)
+    assert set(held["train"]["patient"]) & set(held["val"]["patient"]) == set()
+    pd.testing.assert_frame_equal(held["test"], splits["test"])
+
+
+def site_of(path: str) -> str:
+    """The fixture's collections: every third image of each class folder is from 'north', the rest from 'south'."""
+    return "north" if int("".join(c for c in Path(path).stem if c.isdigit()) or 0) % 3 == 0 else "south"
+
+
+def split_project(tmp_path: Path, groups: dict | None, unseen: list[str]) -> Path:
+    """A project the split stage can run in: data/raw in the Kaggle layout, a groups CSV and params."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    make_kaggle_tree(tmp_path, per_class=PER_CLASS, size=8).rename(project / "data" / "raw")
+    images = sorted(p.relative_to(project / "data" / "raw").as_posix() for p in (project / "data" / "raw").rglob("*.*"))
+    pd.DataFrame({"file": [f"Data/{p}" for p in images], "source_repo": [site_of(p) for p in images]}).to_csv(
+        tmp_path / "groups.csv", index=False)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["split"].update(val_fraction=VAL_FRACTION, unseen_groups=unseen)
+    raw["groups"] = groups
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return project
+
+
+def run_split(project: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run stages/split.py in this process, in ``project``; returns its exit status."""
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "stages" / "split.py")])
+    try:
+        runpy.run_path(str(ROOT / "stages" / "split.py"), run_name="__main__")
+    except SystemExit as exit:
+        return int(exit.code)
+    return 0
+
+
+def test_the_split_stage_keeps_unseen_groups_out_of_train_and_val_and_records_them(tmp_path, monkeypatch):
+    project = split_project(tmp_path, {"csv": str(tmp_path / "groups.csv")}, ["north"])
+
+    assert run_split(project, monkeypatch) == 0
+
+    tables = {name: pd.read_csv(project / "data" / "split" / f"{name}.csv") for name in ("train", "val", "test", "held_out")}
+    pool = index_split(project / "data" / "raw", "train", CLASSES)
+    north = {p for p in pool["path"] if site_of(p) == "north"}
+    assert north and set(tables["held_out"]["path"]) == north
+    assert set(tables["held_out"]["group"]) == {"north"}
+    assert not (set(tables["train"]["path"]) | set(tables["val"]["path"])) & north
+    assert sorted([*tables["train"]["path"], *tables["val"]["path"]]) == sorted(set(pool["path"]) - north)
+    test_north = sum(site_of(p) == "north" for p in tables["test"]["path"])
+    assert len(tables["test"]) == sum(PER_CLASS.values()) and test_north > 0
+    report = json.loads((project / "reports" / "split.json").read_text())
+    assert report == {"unseen_groups": {"north": {"removed_from_train_val": len(north), "test_images": test_north}}}
+
+
+def test_without_unseen_groups_the_split_is_the_plain_one(tmp_path, monkeypatch):
+    project = split_project(tmp_path, {"csv": str(tmp_path / "groups.csv")}, [])
+
+    assert run_split(project, monkeypatch) == 0
+
+    plain = make_splits(project / "data" / "raw", CLASSES, VAL_FRACTION, seed=42)
+    for name in ("train", "val", "test"):
+        written = pd.read_csv(project / "data" / "split" / f"{name}.csv", dtype=str)
+        assert list(written["path"]) == list(plain[name]["path"])
+    assert pd.read_csv(project / "data" / "split" / "held_out.csv").empty
+    assert json.loads((project / "reports" / "split.json").read_text()) == {"unseen_groups": {}}
+
+
+def test_an_unknown_unseen_group_is_one_line_naming_the_groups_that_exist(tmp_path, monkeypatch, capsys):
+    project = split_project(tmp_path, {"csv": str(tmp_path / "groups.csv")}, ["west"])
+
+    assert run_split(project, monkeypatch) == 1
+
+    assert capsys.readouterr().err == ("error: params.yaml: split.unseen_groups lists 'west', not a group of the "
+                                       "groups CSV; its groups: north, south\n")
+    assert not (project / "data" / "split").exists()
+
+
+def test_a_broken_groups_csv_stops_the_split_stage_first(tmp_path, monkeypatch, capsys):
+    project = split_project(tmp_path, {"csv": str(tmp_path / "groups.csv"), "group_column": "site"}, [])
+
+    assert run_split(project, monkeypatch) == 1
+
+    assert capsys.readouterr().err == f"error: groups: {tmp_path / 'groups.csv'} has no column 'site'\n"
+    assert not (project / "data" / "split").exists()
+
+
+@pytest.mark.parametrize("groups", [None, {"csv": None}], ids=["groups_null", "csv_null"])
+def test_unseen_groups_without_a_groups_csv_is_one_line(groups):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["groups"] = groups
+    raw["split"]["unseen_groups"] = ["north"]
+
+    assert error_of(parse_params, raw) == (
+        "params.yaml: split.unseen_groups needs groups.csv set (the CSV that names each image's group)")
+    raw["split"]["unseen_groups"] = []
+    assert parse_params(raw).grouping is None

@@ -31,6 +31,7 @@ class SplitParams(Section):
     val_fraction: Number = Field(0.15, gt=0.0, le=0.5)
     seed: Seed = 42
     dedupe: bool = False
+    unseen_groups: list[str] = []  # groups (of the ``groups`` CSV) kept out of train and val: test-only collections
 
 
 class AuditParams(Section):
@@ -92,9 +93,13 @@ class TrainParams(Section):
 
 
 class GroupsParams(Section):
-    """A CSV that maps test images to a group (source, site, age band, view) for the subgroup report."""
+    """A CSV that maps images to a group (source, site, age band, view); ``csv: null`` turns groups off.
 
-    csv: str
+    Split reads it to hold collections out (``split.unseen_groups``), evaluate checks it and
+    compare scores each group.
+    """
+
+    csv: str | None = None
     path_column: str = "file"
     group_column: str = "source_repo"
 
@@ -103,7 +108,6 @@ class EvaluateParams(Section):
     batch_size: int = Field(128, ge=1, le=4096)
     gradcam_per_class: int = Field(3, ge=0, le=50)
     tta: list[str] = ["custom"]  # approaches scored with test-time augmentation
-    groups: GroupsParams | None = None
 
 
 class ShortcutsParams(Section):
@@ -140,6 +144,12 @@ class Params(Section):
     shortcuts: ShortcutsParams
     external: dict[str, str] = {}
     compare: CompareParams
+    groups: GroupsParams | None = None  # read by split, evaluate and compare
+
+    @property
+    def grouping(self) -> GroupsParams | None:
+        """The groups CSV settings, or None when groups are off (``groups: null`` or ``groups.csv: null``)."""
+        return None if self.groups is None or self.groups.csv is None else self.groups
 
     def approach(self, name: str) -> TrainParams:
         """The training recipe of one approach (``custom``, ``extract`` or ``finetune``)."""
@@ -165,6 +175,8 @@ def parse_params(raw: dict[str, Any]) -> Params:
     unknown = [name for name in params.evaluate.tta if name not in APPROACHES]
     if unknown:
         raise PipelineError(f"params.yaml: evaluate.tta lists {unknown[0]!r}; allowed: {', '.join(APPROACHES)}")
+    if params.split.unseen_groups and params.grouping is None:
+        raise PipelineError("params.yaml: split.unseen_groups needs groups.csv set (the CSV that names each image's group)")
     return params
 
 

@@ -4,9 +4,11 @@ from pathlib import Path
 
 RAW = Path("data/raw")
 SPLITS = Path("data/split")
+HELD_OUT = SPLITS / "held_out.csv"  # Data/train images of split.unseen_groups, in neither train nor val
 AUDITED = Path("data/audited")
 AUDIT_SUMMARY = AUDITED / "audit.json"
 DUPLICATES_REPORT = Path("reports/duplicates.csv")
+SPLIT_REPORT = Path("reports/split.json")
 PROCESSED = Path("data/processed")
 MODELS = Path("models")
 METRICS = Path("metrics")

@@ -3,12 +3,16 @@
 Kermany-style file names carry a patient id (``person123_bacteria_456.jpeg``); images of
 one patient must stay in one split or validation scores leak. Files without an id form
 their own group. ``Data/test`` is indexed as it is and never re-split.
+
+Images can be left out of train and validation (``leave_out``): the split stage passes the
+``Data/train`` images of ``split.unseen_groups`` (see :mod:`cxr.data.groups`), so their test
+images measure a collection the model never saw.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +72,17 @@ def split_train_val(frame: pd.DataFrame, val_fraction: float, seed: int) -> tupl
     return frame.iloc[train_idx].reset_index(drop=True), frame.iloc[val_idx].reset_index(drop=True)
 
 
-def make_splits(root: Path, classes: Sequence[str], val_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
-    """Index ``root`` (a Kaggle-layout ``Data`` folder) into train, val and test tables."""
-    train, val = split_train_val(index_split(root, "train", classes), val_fraction, seed)
+def make_splits(root: Path, classes: Sequence[str], val_fraction: float, seed: int,
+                leave_out: Collection[str] = frozenset()) -> dict[str, pd.DataFrame]:
+    """Index ``root`` (a Kaggle-layout ``Data`` folder) into train, val and test tables.
+
+    ``leave_out`` names ``Data/train`` images (paths as indexed) that go to neither train nor
+    val, before the split, so the remaining images still split at ``val_fraction``; the
+    test table is never touched.
+    """
+    pool = index_split(root, "train", classes)
+    kept = pool[~pool["path"].isin(list(leave_out))].reset_index(drop=True)
+    train, val = split_train_val(kept, val_fraction, seed)
     return {"train": train, "val": val, "test": index_split(root, "test", classes)}
 
 

@@ -36,7 +36,7 @@ def headline(reports: Mapping[str, Mapping[str, Any]], shortcuts: Mapping[str, A
     """Flat ``<model>.<score>`` keys from compare's reports, the shortcut audit, subgroups and external sets.
 
     ``reports`` maps each model to :func:`cxr.reporting.comparison.model_report`; ``subgroups`` is
-    compare's subgroup report (empty without ``evaluate.groups``) and ``external`` maps each
+    compare's subgroup report (empty without ``groups``) and ``external`` maps each
     external set to its report (empty without ``external``), so those keys appear only where
     the pipeline computed them. Lungs-hidden accuracy is the shortcut audit's, and ``probe``
     holds the border probe's accuracy: both measure how much is solvable without the lungs.
