@@ -5,7 +5,7 @@ import pandas as pd
 from cxr import paths
 from cxr.approaches import APPROACHES, DISPLAY_NAMES, ENSEMBLE
 from cxr.console import run
-from cxr.data.groups import load_groups, log_matches
+from cxr.data.groups import load_groups
 from cxr.files import atomic_write, read_json, write_json, write_text
 from cxr.params import load_params
 from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
@@ -48,9 +48,7 @@ def main() -> None:
     grouping = params.grouping
     subgroups = {}
     if grouping is not None:
-        groups = load_groups(grouping)
-        log_matches(grouping, groups, test[ENSEMBLE]["path"])
-        subgroups = subgroup_report(test, groups, classes, settings.bootstrap_resamples, settings.bootstrap_seed,
+        subgroups = subgroup_report(test, load_groups(grouping), classes, settings.bootstrap_resamples, settings.bootstrap_seed,
                                     params.split.unseen_groups)
         summary += "\n" + subgroups_markdown(subgroups, classes, grouping.group_column)
     write_json(paths.SUBGROUPS_JSON, subgroups)
