@@ -25,7 +25,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from cxr.console import run
 from cxr.data.preprocess import load_split
 from cxr.evaluation.inference import load_trained_model
-from cxr.evaluation.occlusion import VIEWS, chance_scores, class_probabilities, neutral_grey, occluded
+from cxr.evaluation.shortcut_occlusion import VIEWS, chance_scores, class_probabilities, neutral_grey, occluded
 from cxr.evaluation.tta import ViewAveraged
 from cxr.params import Border, Params, load_params
 from cxr.training.loop import train_approach

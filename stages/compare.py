@@ -6,14 +6,15 @@ from cxr import paths
 from cxr.approaches import APPROACHES, DISPLAY_NAMES, ENSEMBLE
 from cxr.console import run
 from cxr.data.groups import load_groups
+from cxr.evaluation.ensemble import ensemble_frame, ensemble_weights
 from cxr.files import atomic_write, read_json, write_json, write_text
 from cxr.params import load_params
-from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
-from cxr.reporting.external import external_markdown
+from cxr.reporting.comparison import model_report, paired_tests, temperature_calibration
+from cxr.reporting.external_report import external_markdown
 from cxr.reporting.figures import confusion_png, reliability_png, roc_pr_png, write_curve_tables
 from cxr.reporting.headline import external_scores, headline
 from cxr.reporting.scores import classification_metrics
-from cxr.reporting.shortcuts import shortcuts_markdown
+from cxr.reporting.shortcut_report import shortcuts_markdown
 from cxr.reporting.subgroups import subgroup_report, subgroups_markdown
 from cxr.reporting.tables import bar_chart, report_markdown, summary_markdown, summary_table
 

@@ -17,11 +17,12 @@ from cxr.approaches import APPROACHES, DISPLAY_NAMES
 from cxr.console import run
 from cxr.data.groups import load_groups, log_matches
 from cxr.evaluation.inference import load_trained_model, predict_split
-from cxr.evaluation.saliency import gradcam_gallery, misclassified
+from cxr.evaluation.saliency import misclassified
 from cxr.evaluation.tta import ViewAveraged
 from cxr.files import atomic_write, write_json
 from cxr.params import load_params
 from cxr.reporting.figures import confusion_png
+from cxr.reporting.saliency_gallery import gradcam_gallery
 from cxr.reporting.scores import classification_metrics
 from cxr.training.runtime import configure_host, memory_format_of, select_device
 

@@ -14,11 +14,11 @@ import shutil
 
 from cxr import paths
 from cxr.console import run
-from cxr.evaluation.external import check_sets, fetch_external, resolve_external
-from cxr.evaluation.external_sets import score_sets
+from cxr.evaluation.external_scoring import check_sets, fetch_external, resolve_external
 from cxr.files import write_json, write_text
 from cxr.params import load_params
-from cxr.reporting.external import index_markdown
+from cxr.reporting.external_report import index_markdown
+from cxr.reporting.external_sets import score_sets
 
 
 def main() -> None:

@@ -13,12 +13,12 @@ from cxr.approaches import APPROACHES
 from cxr.console import run
 from cxr.data.preprocess import load_split
 from cxr.evaluation.inference import load_trained_model
-from cxr.evaluation.occlusion import class_probabilities, neutral_grey
+from cxr.evaluation.shortcut_occlusion import class_probabilities, neutral_grey
 from cxr.evaluation.tta import ViewAveraged
 from cxr.files import write_json
 from cxr.params import load_params
 from cxr.reporting.shortcut_audit import shortcut_audit
-from cxr.reporting.shortcuts import shortcuts_png
+from cxr.reporting.shortcut_report import shortcuts_png
 from cxr.training.runtime import configure_host, memory_format_of, select_device
 
 

@@ -6,7 +6,7 @@ the lungs: the data set's shortcut ceiling.
 
 from cxr import paths
 from cxr.console import run
-from cxr.evaluation.occlusion import write_probe_splits
+from cxr.evaluation.shortcut_occlusion import write_probe_splits
 from cxr.params import load_params
 from cxr.training.loop import train_approach
 

@@ -60,7 +60,7 @@ from cxr.data.preprocess import preprocess_split
 from cxr.data.sources import PIPELINE_OUTPUTS, Source, SourceLimits, human_size
 from cxr.data.split import index_split
 from cxr.errors import ImageDecodeError, PipelineError
-from cxr.evaluation.external import fetch_external, image_sizes, load_scorers
+from cxr.evaluation.external_scoring import fetch_external, image_sizes, load_scorers
 from cxr.evaluation.predictions import predictions_frame
 from cxr.files import read_json
 from cxr.params import GroupsParams, load_params

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from cxr.errors import PipelineError
+from cxr.evaluation.ensemble import ensemble_frame, ensemble_weights
 from cxr.evaluation.predictions import predictions_frame, probabilities_of
 from cxr.params import CLASSES
-from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
+from cxr.reporting.comparison import model_report, paired_tests, temperature_calibration
 
 
 def frame(probabilities, labels=(0, 1, 2), paths=("a", "b", "c")):

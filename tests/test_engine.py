@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
-from cxr.reporting import stats
+from cxr import stats
 from cxr.training.engine import (
     EpochResult,
     batches_in_order,

@@ -18,9 +18,10 @@ import pytest
 import torch
 import yaml
 
+from cxr import stats
 from cxr.approaches import APPROACHES, ENSEMBLE
 from cxr.errors import PipelineError
-from cxr.evaluation.external import (
+from cxr.evaluation.external_scoring import (
     check_sets,
     decode_set,
     fetch_external,
@@ -33,8 +34,7 @@ from cxr.evaluation.external import (
 )
 from cxr.evaluation.tta import ViewAveraged
 from cxr.files import read_json
-from cxr.reporting import stats
-from cxr.reporting.external import gap_interval, index_markdown, macro_f1_over, set_markdown, set_report
+from cxr.reporting.external_report import gap_interval, index_markdown, macro_f1_over, set_markdown, set_report
 from cxr.training.models import build_model
 
 from conftest import CLASSES, make_kaggle_tree, make_kaggle_zip

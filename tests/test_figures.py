@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from cxr import stats
 from cxr.errors import PipelineError
-from cxr.evaluation.saliency import gallery, select_examples
-from cxr.reporting import figures, pngs, stats
+from cxr.evaluation.saliency import select_examples
+from cxr.reporting import figures, pngs
+from cxr.reporting.saliency_gallery import gallery
 from cxr.reporting.tables import bar_chart, summary_table
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.evaluation.saliency import gallery, gradcam_heatmaps, misclassified, overlay, select_examples
+from cxr.evaluation.saliency import gradcam_heatmaps, misclassified, overlay, select_examples
 from cxr.lung_box import center_box
+from cxr.reporting.saliency_gallery import gallery
 from cxr.training.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
@@ -226,7 +227,7 @@ def test_misclassified_lists_every_mistake_most_confident_first(predictions):
 
 
 def test_gradcam_gallery_explains_the_class_the_table_predicted(tmp_path: Path, predictions, monkeypatch):
-    import cxr.evaluation.saliency as saliency
+    import cxr.reporting.saliency_gallery as saliency_gallery
 
     explained = {}
 
@@ -234,10 +235,10 @@ def test_gradcam_gallery_explains_the_class_the_table_predicted(tmp_path: Path, 
         explained["targets"] = target_classes
         return np.zeros((len(pixels), *pixels.shape[2:]), dtype=np.float32)
 
-    monkeypatch.setattr(saliency, "gradcam_heatmaps", fake_heatmaps)
+    monkeypatch.setattr(saliency_gallery, "gradcam_heatmaps", fake_heatmaps)
     images = np.zeros((predictions.index.max() + 1, 32, 32), dtype=np.uint8)
 
-    saliency.gradcam_gallery(_tiny_cnn(), images, predictions, CLASSES, 2, "custom", tmp_path / "g.png")
+    saliency_gallery.gradcam_gallery(_tiny_cnn(), images, predictions, CLASSES, 2, "custom", tmp_path / "g.png")
 
     chosen = select_examples(predictions, CLASSES, per_class=2)
     assert explained["targets"] == [CLASSES.index(name) for name in chosen["predicted"]]

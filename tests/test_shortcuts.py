@@ -18,11 +18,11 @@ import torch
 
 from cxr.data.preprocess import load_split, save_split
 from cxr.evaluation.inference import load_trained_model
-from cxr.evaluation.occlusion import chance_scores, class_probabilities, neutral_grey, occluded, write_probe_splits
+from cxr.evaluation.shortcut_occlusion import chance_scores, class_probabilities, neutral_grey, occluded, write_probe_splits
 from cxr.lung_box import center_box
 from cxr.params import CLASSES, ShortcutsParams
 from cxr.reporting.shortcut_audit import shortcut_audit
-from cxr.reporting.shortcuts import (
+from cxr.reporting.shortcut_report import (
     model_scores,
     model_verdict,
     probe_verdict,

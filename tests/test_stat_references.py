@@ -16,11 +16,12 @@ from scipy.stats import binom, binomtest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, recall_score
 
+from cxr import stats
+from cxr.evaluation.ensemble import ensemble_frame, ensemble_weights
 from cxr.evaluation.predictions import predictions_frame, probabilities_of
 from cxr.params import CLASSES
-from cxr.reporting import stats
-from cxr.reporting.comparison import ensemble_frame, ensemble_weights, model_report, paired_tests, temperature_calibration
-from cxr.reporting.external import gap_interval
+from cxr.reporting.comparison import model_report, paired_tests, temperature_calibration
+from cxr.reporting.external_report import gap_interval
 from cxr.reporting.scores import classification_metrics
 from cxr.reporting.subgroups import subgroup_report
 from cxr.reporting.tables import summary_table

@@ -1,12 +1,12 @@
-"""Tests for cxr.reporting.stats: known textbook values and synthetic predictors with known behaviour."""
+"""Tests for cxr.stats: known textbook values and synthetic predictors with known behaviour."""
 
 import numpy as np
 import pytest
 from scipy.special import softmax
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
+from cxr import stats
 from cxr.errors import PipelineError
-from cxr.reporting import stats
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 

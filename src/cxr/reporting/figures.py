@@ -38,7 +38,7 @@ from cxr.errors import PipelineError  # noqa: E402
 from cxr.evaluation.predictions import probabilities_of  # noqa: E402
 from cxr.files import atomic_write  # noqa: E402
 from cxr.reporting.pngs import png_figure  # noqa: E402
-from cxr.reporting.stats import encode_labels, expected_calibration_error, reliability_bins, roc_auc_per_class  # noqa: E402
+from cxr.stats import encode_labels, expected_calibration_error, reliability_bins, roc_auc_per_class  # noqa: E402
 
 DPI = 100
 CURVE_DECIMALS = 5
@@ -165,7 +165,7 @@ def _format_score(value: float) -> str:
 def curve_legend_labels(frames: Mapping[str, pd.DataFrame], classes: Sequence[str]) -> dict[str, dict[str, tuple[str, str]]]:
     """Legend text per class and model: (ROC label with its AUC, PR label with its average precision).
 
-    ROC AUC comes from :func:`cxr.reporting.stats.roc_auc_per_class` so the figure quotes the same
+    ROC AUC comes from :func:`cxr.stats.roc_auc_per_class` so the figure quotes the same
     number as the metrics files; "n/a" marks a class the table cannot score.
     """
     labels: dict[str, dict[str, tuple[str, str]]] = {name: {} for name in classes}
@@ -265,7 +265,7 @@ def reliability_title(model: str, ece: float, calibrated_ece: float | None = Non
 def calibration_table(frames: Mapping[str, pd.DataFrame], classes: Sequence[str], n_bins: int = 15) -> pd.DataFrame:
     """Long-format reliability bins (``model, confidence, accuracy, count``) for ``dvc plots``.
 
-    One row per non-empty bin of :func:`cxr.reporting.stats.reliability_bins`, in input
+    One row per non-empty bin of :func:`cxr.stats.reliability_bins`, in input
     order and bin order: the points of the reliability diagram, so experiments can be
     compared with ``dvc plots diff``. Confidence and accuracy are rounded to 5 decimals
     so the CSV diffs cleanly.
@@ -305,7 +305,7 @@ def reliability_png(
     """Reliability diagram, one panel per model: top-label confidence against accuracy per bin.
 
     Points below the diagonal mean over-confidence. Each title gives the ECE with
-    ``n_bins`` bins (the same number :func:`cxr.reporting.stats.expected_calibration_error` reports).
+    ``n_bins`` bins (the same number :func:`cxr.stats.expected_calibration_error` reports).
     ``calibrated`` maps a model name to its (N, classes) probabilities after calibration
     (e.g. temperature scaling), row-aligned with that model's table; those models get a
     second line and an "ECE before → after" title.

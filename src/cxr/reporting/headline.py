@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cxr.reporting.shortcuts import PROBE
+from cxr.reporting.shortcut_report import PROBE
 
 SENSITIVE_CLASS = "COVID19"
 

@@ -1,6 +1,6 @@
 """Run the shortcut audit on trained models: every view of the test split, Grad-CAM mass, the border probe.
 
-Kept apart from :mod:`cxr.reporting.shortcuts` (verdicts, table, figure) so the compare stage
+Kept apart from :mod:`cxr.reporting.shortcut_report` (verdicts, table, figure) so the compare stage
 reads the audit's results without importing torch or the models.
 """
 
@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from cxr.evaluation.occlusion import VIEWS, cam_inside_center, chance_scores, occluded, per_class_sample
+from cxr.evaluation.shortcut_occlusion import VIEWS, cam_inside_center, chance_scores, occluded, per_class_sample
 from cxr.params import ShortcutsParams
-from cxr.reporting.shortcuts import PROBE, mean_interval, model_scores, model_verdict, probe_verdict, view_scores
+from cxr.reporting.shortcut_report import PROBE, mean_interval, model_scores, model_verdict, probe_verdict, view_scores
 from cxr.training.models import Classifier
 
 Scorer = Callable[[nn.Module, np.ndarray], np.ndarray]

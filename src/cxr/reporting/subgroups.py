@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from cxr import stats
 from cxr.approaches import DISPLAY_NAMES
 from cxr.data.groups import group_of
 from cxr.evaluation.predictions import probabilities_of
-from cxr.reporting import stats
 from cxr.reporting.comparison import interval
 
 PAIR = ("PNEUMONIA", "NORMAL")  # the pneumonia-vs-normal AUC: positive class, negative class

@@ -42,7 +42,7 @@ class EpochResult:
 
     @property
     def macro_f1(self) -> float:
-        """The report's macro-F1 rule (``cxr.reporting.stats.macro_f1``): every class counts, one never seen scores 0.
+        """The report's macro-F1 rule (``cxr.stats.macro_f1``): every class counts, one never seen scores 0.
 
         Without ``labels``, a class absent from a validation shard would drop out of the mean and
         raise the score that picks the checkpoint.

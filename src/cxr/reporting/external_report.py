@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr import stats
 from cxr.approaches import DISPLAY_NAMES
 from cxr.errors import PipelineError
-from cxr.reporting import stats
 from cxr.reporting.comparison import interval
-from cxr.reporting.stats import macro_f1_over
+from cxr.stats import macro_f1_over
 
 SCOPES = {"test": "the `test/` folder of a Kaggle-layout set", "all": "every image of the set"}
 

@@ -37,10 +37,10 @@ from cxr.data.sources import (
     resolve_source,
 )
 from cxr.errors import PipelineError
+from cxr.evaluation.ensemble import ensemble_frame
 from cxr.evaluation.inference import load_trained_model
 from cxr.evaluation.predictions import predictions_frame
 from cxr.evaluation.tta import ViewAveraged
-from cxr.reporting.comparison import ensemble_frame
 from cxr.training.engine import evaluate, iterate_batches
 from cxr.training.models import load_checkpoint
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr import stats
 from cxr.approaches import DISPLAY_NAMES
-from cxr.reporting import stats
 from cxr.reporting.comparison import interval
 from cxr.reporting.pngs import png_figure
 

@@ -13,7 +13,8 @@ import pandas as pd
 from cxr import paths
 from cxr.approaches import APPROACHES
 from cxr.data.sources import shown_source
-from cxr.evaluation.external import (
+from cxr.evaluation.ensemble import ensemble_weights
+from cxr.evaluation.external_scoring import (
     DecodedSet,
     decode_set,
     decode_workers,
@@ -25,8 +26,7 @@ from cxr.evaluation.external import (
 )
 from cxr.files import atomic_write, write_json, write_text
 from cxr.params import Params
-from cxr.reporting.comparison import ensemble_weights
-from cxr.reporting.external import set_markdown, set_report
+from cxr.reporting.external_report import set_markdown, set_report
 from cxr.training.runtime import configure_host, memory_format_of, select_device
 
 
