@@ -1,0 +1,164 @@
+"""Choose the custom CNN's ``border`` and ``balance`` options on validation, with the worst group in view.
+
+Trains the custom CNN once per (border, balance) pair named, with the params' recipe otherwise
+unchanged (``--epochs`` shortens every run alike for an exploration), on the preprocessed data of
+a project whose ``groups`` section is set. Each model is then scored on validation and test as
+the pipeline scores it (test-time augmentation as in ``evaluate.tta``): overall accuracy and
+macro-F1, per-group accuracy and its worst group, the focus collection's accuracy, PNEUMONIA
+sensitivity, NORMAL sensitivity (films called NORMAL) and pneumonia-vs-normal ROC AUC with 95%
+bootstrap intervals, and the accuracy with the centred lung box hidden. Options are chosen on
+the validation rows; the test rows are what the chosen one then scores.
+
+A model already at ``<out>/<border>-<balance>/custom.pt`` is scored, not retrained, and a killed
+training resumes from its ``custom.resume.pt``.
+
+``python benchmarks/training_options.py --project PATH [--border keep hide crop]
+[--balance none group] [--epochs N] [--focus GROUP]`` adds each option's scores to
+``<out>/scores.json`` (options scored by earlier invocations stay) and prints the whole table as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+import pandas as pd
+
+from cxr import stats
+from cxr.console import run
+from cxr.data.groups import group_of, load_groups
+from cxr.data.preprocess import load_split
+from cxr.errors import PipelineError
+from cxr.evaluation.inference import load_trained_model
+from cxr.evaluation.predictions import predictions_frame
+from cxr.evaluation.shortcut_occlusion import class_probabilities, neutral_grey, occluded
+from cxr.evaluation.tta import ViewAveraged
+from cxr.params import Balance, Border, Params, load_params
+from cxr.reporting.subgroups import subgroup_report
+from cxr.training.loop import train_approach
+from cxr.training.runtime import configure_host, select_device
+
+log = logging.getLogger("training_options")
+NIH = "muhammedtalo/COVID-19"
+
+
+def trained_model(project: Path, params: Params, option: dict[str, Any], out: Path) -> Path:
+    """The custom CNN trained with ``option`` (recipe keys); trained (or resumed) only when its checkpoint is missing."""
+    folder = out / "-".join(str(value) for value in option.values())
+    model_path = folder / "custom.pt"
+    if model_path.is_file():
+        log.info("%s: scoring the existing %s", folder.name, model_path)
+        return model_path
+    recipe = params.train_custom.model_copy(update=option)
+    train_approach("custom", params.model_copy(update={"train_custom": recipe}), project / "data" / "processed",
+                   model_path, folder / "live", resume_path=folder / "custom.resume.pt", progress=False)
+    return model_path
+
+
+def _focus_scores(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """The focus collection's accuracy, PNEUMONIA and NORMAL sensitivity, pneumonia-vs-normal AUC (None if absent)."""
+    if entry is None:
+        return {}
+    sensitivity = entry["sensitivity"]
+    return {"accuracy": entry["accuracy"], "pneumonia_sensitivity": sensitivity.get("PNEUMONIA"),
+            "normal_sensitivity": sensitivity.get("NORMAL"), "pneumonia_vs_normal_auc": entry["pneumonia_vs_normal_auc"]}
+
+
+def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.Series, params: Params,
+                 groups: pd.Series, fill: int, focus: str, device: Any) -> dict[str, Any]:
+    """One split's scores: overall, worst group (groups of at least ``groups.min_images`` images), focus, lungs hidden."""
+    classes, batch = list(params.data.classes), params.evaluate.batch_size
+    probabilities = class_probabilities(scored, images, batch, device, desc="intact")
+    frame = predictions_frame(paths, labels, probabilities, classes)
+    report = subgroup_report({"model": frame}, groups, classes, params.compare.bootstrap_resamples,
+                             params.compare.bootstrap_seed)["model"]["groups"]
+    sizes = group_of(paths, groups).value_counts()
+    ranked = {name: entry["accuracy"]["value"] for name, entry in report.items()
+              if sizes.get(name, 0) >= params.grouping.min_images}
+    worst = min(ranked, key=ranked.get)
+    hidden = class_probabilities(scored, occluded(images, "center_hidden", params.shortcuts.center_fraction, fill),
+                                 batch, device, desc="lungs hidden")
+    predicted = probabilities.argmax(1)
+    return {"accuracy": stats.accuracy(labels, predicted),
+            "macro_f1": stats.macro_f1(len(classes))(labels, predicted),
+            "worst_group": worst, "worst_group_accuracy": ranked[worst],
+            "lungs_hidden_accuracy": stats.accuracy(labels, hidden.argmax(1)),
+            "focus": _focus_scores(report.get(focus))}
+
+
+def option_scores(model_path: Path, project: Path, params: Params, focus: str) -> dict[str, dict[str, Any]]:
+    """Scores of one trained model on validation and test."""
+    classes = list(params.data.classes)
+    device = select_device(params.train.device)
+    model, _ = load_trained_model(model_path, classes, device)
+    scored = ViewAveraged(model) if "custom" in params.evaluate.tta else model
+    processed = project / "data" / "processed"
+    fill = neutral_grey(load_split(processed, "train", classes)[0])
+    groups = load_groups(params.grouping)
+    result = {}
+    for split in ("val", "test"):
+        images, labels, rows = load_split(processed, split, classes)
+        result[split] = split_scores(scored, images, labels, rows["path"], params, groups, fill, focus, device)
+    return result
+
+
+def _ci(entry: dict[str, float] | None) -> str:
+    return "-" if not entry else f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def markdown(scores: dict[str, dict[str, dict[str, Any]]], focus: str) -> str:
+    """One row per option and split."""
+    lines = [f"Focus collection: {focus}. Sensitivity = share of that class's films called that class.", "",
+             "| option | split | acc | macro-F1 | worst group acc (group) | focus acc | focus PNEUMONIA sens | "
+             "focus NORMAL sens | focus P-vs-N AUC | lungs hidden acc |",
+             "|---|---|---:|---:|---|---|---|---|---|---:|"]
+    for option, splits in scores.items():
+        for split, row in splits.items():
+            f = row["focus"]
+            lines.append(f"| {option} | {split} | {row['accuracy']:.4f} | {row['macro_f1']:.4f} | "
+                         f"{row['worst_group_accuracy']:.4f} ({row['worst_group']}) | {_ci(f.get('accuracy'))} | "
+                         f"{_ci(f.get('pneumonia_sensitivity'))} | {_ci(f.get('normal_sensitivity'))} | "
+                         f"{_ci(f.get('pneumonia_vs_normal_auc'))} | {row['lungs_hidden_accuracy']:.4f} |")
+    return "\n".join(lines)
+
+
+def _options(args: argparse.Namespace) -> list[dict[str, Any]]:
+    options = [{"border": border, "balance": balance} for border, balance in itertools.product(args.border, args.balance)]
+    return [option | {"epochs": args.epochs} for option in options] if args.epochs else options
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", type=Path, default=Path("."), help="project root with data/processed and params.yaml")
+    parser.add_argument("--border", nargs="+", default=list(get_args(Border)), choices=get_args(Border))
+    parser.add_argument("--balance", nargs="+", default=["none", "group"], choices=get_args(Balance))
+    parser.add_argument("--epochs", type=int, help="override train_custom.epochs for every option (exploration)")
+    parser.add_argument("--focus", default=NIH, help="the collection whose scores get their own columns")
+    parser.add_argument("--threads", type=int, help="override train.threads")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/training_options"))
+    args = parser.parse_args(argv)
+    params = load_params(args.project / "params.yaml")
+    if params.grouping is None:
+        raise PipelineError(f"{args.project / 'params.yaml'}: groups.csv is not set; the worst group needs it")
+    if args.threads is not None:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"threads": args.threads})})
+    configure_host(params.train)
+    scores_path = args.out / "scores.json"
+    scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+    for option in _options(args):
+        name = "-".join(str(value) for value in option.values())
+        scores[name] = option_scores(trained_model(args.project, params, option, args.out), args.project, params,
+                                     args.focus)
+        args.out.mkdir(parents=True, exist_ok=True)
+        scores_path.write_text(json.dumps(scores, indent=2) + "\n")
+    print(markdown(scores, args.focus))
+    return scores
+
+
+if __name__ == "__main__":
+    run(main)
