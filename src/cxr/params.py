@@ -23,6 +23,8 @@ Scheduler = Literal["onecycle", "cosine", "none"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 AmpDtype = Literal["none", "bf16", "fp16"]
 Border = Literal["keep", "hide", "crop"]
+Balance = Literal["none", "class", "group"]
+Select = Literal["macro_f1", "worst_group"]
 OPTIMIZERS, SCHEDULERS, DEVICES, AMP_DTYPES = (get_args(choice) for choice in (Optimizer, Scheduler, Device, AmpDtype))
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 
@@ -90,18 +92,28 @@ class TrainParams(Section):
     augment: AugmentParams = AugmentParams()
     border: Border = "keep"
     lung_box: Number = Field(0.6, gt=0.0, lt=1.0)
+    balance: Balance = "none"  # draw each epoch so every class, or (group, class) cell, weighs the same
+    select: Select = "macro_f1"  # the validation score that picks the epoch kept
+
+    @property
+    def uses_groups(self) -> bool:
+        """Whether training reads each image's group (the groups CSV): to balance by group, or to select by the worst."""
+        return self.balance == "group" or self.select == "worst_group"
 
 
 class GroupsParams(Section):
     """A CSV that maps images to a group (source, site, age band, view); ``csv: null`` turns groups off.
 
-    Split reads it to hold collections out (``split.unseen_groups``), evaluate checks it and
-    compare scores each group.
+    Split reads it to hold collections out (``split.unseen_groups``), evaluate checks it,
+    compare scores each group, and training reads it for ``balance: group`` and ``select: worst_group``.
     """
 
     csv: str | None = None
     path_column: str = "file"
     group_column: str = "source_repo"
+    # training: a (group, class) cell with fewer training images is pooled, a group with fewer validation images is
+    # not ranked by select: worst_group (too noisy)
+    min_images: int = Field(20, ge=1, le=1_000_000)
 
 
 class EvaluateParams(Section):
@@ -177,7 +189,19 @@ def parse_params(raw: dict[str, Any]) -> Params:
         raise PipelineError(f"params.yaml: evaluate.tta lists {unknown[0]!r}; allowed: {', '.join(APPROACHES)}")
     if params.split.unseen_groups and params.grouping is None:
         raise PipelineError("params.yaml: split.unseen_groups needs groups.csv set (the CSV that names each image's group)")
+    _check_group_recipes(params)
     return params
+
+
+def _check_group_recipes(params: Params) -> None:
+    """A recipe that balances by group or selects by the worst group needs the groups CSV."""
+    if params.grouping is not None:
+        return
+    for name in APPROACHES:
+        recipe, section = params.approach(name), REGISTRY[name].section
+        key = f"{section}.balance: group" if recipe.balance == "group" else f"{section}.select: worst_group"
+        if recipe.uses_groups:
+            raise PipelineError(f"params.yaml: {key} needs groups.csv set (the CSV that names each image's group)")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

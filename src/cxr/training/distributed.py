@@ -151,10 +151,11 @@ def shard(length: int) -> slice:
     return slice(length * index // size, length * (index + 1) // size)
 
 
-def seed_for(seed: int, stream: int, epoch: int) -> int:
-    """A seed of its own per (stream, epoch, rank).
+def seed_for(seed: int, stream: int, epoch: int, per_rank: bool = True) -> int:
+    """A seed of its own per (stream, epoch, rank), or per (stream, epoch) shared by every rank.
 
     Ranks draw independent augmentations and dropout masks, and a resumed run redraws
-    exactly those an uninterrupted one would have.
+    exactly those an uninterrupted one would have. A shared seed serves a draw every rank
+    must make identically, such as a balanced epoch's order that each rank then takes its share of.
     """
-    return int(np.random.SeedSequence([seed, stream, epoch, rank()]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, stream, epoch, *([rank()] if per_rank else [])]).generate_state(1)[0])

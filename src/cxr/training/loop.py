@@ -35,7 +35,7 @@ from cxr.data.preprocess import load_split
 from cxr.errors import PipelineError, first_line
 from cxr.files import atomic_write
 from cxr.params import Params, TrainParams, as_dict
-from cxr.training import distributed
+from cxr.training import balance, distributed
 from cxr.training.augment import training_transform
 from cxr.training.engine import (
     EpochResult,
@@ -227,12 +227,13 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(approach: str, params: Params, image_size: int, data: str) -> str:
+def run_fingerprint(approach: str, params: Params, image_size: int, data: str, groups: str | None = None) -> str:
     """What a resumed run must share with the interrupted one for its result to equal an uninterrupted run.
 
     The recipe, every ``train`` setting (precision, threads and layout can change the
     arithmetic), the validation batch size, classes, image size, the data's digest, the
-    library's source and the number of processes (it sets the steps per epoch).
+    images' groups where the recipe reads them (:func:`~cxr.training.balance.groups_digest`), the library's source
+    and the number of processes (it sets the steps per epoch).
     """
     identity = {
         "approach": approach,
@@ -242,6 +243,7 @@ def run_fingerprint(approach: str, params: Params, image_size: int, data: str) -
         "classes": list(params.data.classes),
         "image_size": image_size,
         "data": data,
+        "groups": groups,
         "code": code_digest(),
         "world_size": distributed.world_size(),
     }
@@ -285,31 +287,48 @@ class TrainingState:
     """Everything a run carries from one epoch to the next, saved whole after every epoch.
 
     Loading it back continues a killed run exactly where it stopped: raw weights, optimizer,
-    scheduler, weight average, loss scaler, random generators, early-stopping counters and
-    the learning-curve history. It also holds the best epoch's checkpoint, because DVC deletes
-    ``models/<approach>.pt`` before it reruns a stage: a resumed run whose later epochs never
-    beat that best must still be able to write it.
+    scheduler, weight average, loss scaler, random generators (a balanced epoch is drawn from
+    ``order_rng`` too), early-stopping counters and the learning-curve history. It also holds
+    the best epoch's checkpoint, because DVC deletes ``models/<approach>.pt`` before it reruns
+    a stage: a resumed run whose later epochs never beat that best must still be able to write it.
+
+    ``select`` is the criterion of the best epoch: validation macro-F1, or the worst validation
+    group's accuracy with macro-F1 breaking ties.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None, ema: AveragedModel | None,
-                 scaler: torch.amp.GradScaler | None, seed: int, device: torch.device) -> None:
+                 scaler: torch.amp.GradScaler | None, seed: int, device: torch.device, select: str = "macro_f1") -> None:
         self.model, self.optimizer, self.scheduler, self.ema, self.scaler = model, optimizer, scheduler, ema, scaler
-        self.device = device
+        self.device, self.select = device, select
         self.order_rng = torch.Generator().manual_seed(seed)
         self.augment_rng = torch.Generator().manual_seed(seed + 1)
         self.epoch = 0
         self.best: dict[str, Any] = {"epoch": -1, "val_macro_f1": -1.0}
+        if select == "worst_group":
+            self.best["val_worst_group_acc"] = -1.0
         self.stale = 0
         self.history: list[dict[str, float]] = []
         self.best_checkpoint: dict[str, Any] = {}
 
-    def record(self, row: dict[str, float], val: EpochResult, checkpoint: Callable[[], dict[str, Any]]) -> None:
-        """Close an epoch: log its row; keep ``checkpoint()`` when validation macro-F1 beat the best so far."""
+    def _criterion(self, scores: dict[str, Any]) -> tuple[float, ...]:
+        if self.select == "worst_group":
+            return scores["val_worst_group_acc"], scores["val_macro_f1"]
+        return (scores["val_macro_f1"],)
+
+    def record(self, row: dict[str, float], val: EpochResult, checkpoint: Callable[[], dict[str, Any]],
+               worst_group_acc: float | None = None) -> None:
+        """Close an epoch: log its row; keep ``checkpoint()`` when the epoch beat the best so far by ``select``.
+
+        ``worst_group_acc`` is the epoch's worst validation group accuracy, None where the run has no groups.
+        """
         self.epoch += 1
         self.history.append(row)
-        if val.macro_f1 > self.best["val_macro_f1"]:
-            self.best = {"epoch": self.epoch, "val_macro_f1": val.macro_f1, "val_accuracy": val.accuracy}
+        scores = {"epoch": self.epoch, "val_macro_f1": val.macro_f1, "val_accuracy": val.accuracy}
+        if worst_group_acc is not None:
+            scores["val_worst_group_acc"] = worst_group_acc
+        if self._criterion(scores) > self._criterion(self.best):
+            self.best = scores
             self.best_checkpoint = {**checkpoint(), **self.best}
             self.stale = 0
         else:
@@ -369,15 +388,21 @@ def _best_summary(state: TrainingState) -> dict[str, Any]:
     DVCLive's summary would hold the last epoch's six curves; the checkpoint is the best
     epoch's, so that is what ``dvc exp show`` lists beside DVCLive's ``step`` (the last epoch run, from 0).
     """
-    return {"best_epoch": state.best["epoch"], "best_val_f1": round(state.best["val_macro_f1"], 6)}
+    summary = {"best_epoch": state.best["epoch"], "best_val_f1": round(state.best["val_macro_f1"], 6)}
+    if "val_worst_group_acc" in state.best:
+        summary["best_val_worst_group_acc"] = round(state.best["val_worst_group_acc"], 6)
+    return summary
 
 
-def _epoch_row(train: EpochResult, val: EpochResult) -> dict[str, float]:
-    return {
+def _epoch_row(train: EpochResult, val: EpochResult, worst_group_acc: float | None) -> dict[str, float]:
+    row = {
         f"{prefix}/{name}": round(getattr(result, name), 6)
         for prefix, result in (("train", train), ("val", val))
         for name in ("loss", "accuracy", "macro_f1")
     }
+    if worst_group_acc is not None:
+        row["val/worst_group_acc"] = round(worst_group_acc, 6)
+    return row
 
 
 def _reduced(result: EpochResult) -> EpochResult:
@@ -386,8 +411,14 @@ def _reduced(result: EpochResult) -> EpochResult:
 
 
 def _train_batches(split: SplitTensors, batch_size: int, order: torch.Generator, seed: int, epoch: int,
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch's shuffled batches: the whole split from ``order``, or under DDP this rank's DistributedSampler share."""
+                   weights: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch's shuffled batches: the whole split from ``order``, or under DDP this rank's DistributedSampler share.
+
+    With draw ``weights`` (``balance`` other than none) the epoch is a balanced draw instead
+    (:func:`~cxr.training.balance.epoch_order`); without them the path is the plain shuffle, untouched.
+    """
+    if weights is not None:
+        return batches_in_order(split.inputs, split.labels, balance.epoch_order(weights, order, seed, epoch), batch_size)
     if not distributed.active():
         return iterate_batches(split.inputs, split.labels, batch_size, order)
     return batches_in_order(split.inputs, split.labels, distributed.epoch_order(len(split), seed, epoch), batch_size)
@@ -423,9 +454,11 @@ def train_approach(
     imagenet: Callable[[], dict[str, torch.Tensor]] = imagenet_state_dict,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``approach`` per ``params`` and save its best epoch (by validation macro-F1).
+    """Train ``approach`` per ``params`` and save its best epoch (by validation macro-F1, or ``select``).
 
     With ``ema_decay`` set, the moving average of the weights is what is validated and saved.
+    With ``balance`` set, epochs are balanced draws over classes or (group, class) cells
+    (:mod:`cxr.training.balance`); a recipe that reads groups logs the worst validation group's accuracy.
     After every epoch the whole :class:`TrainingState` goes to ``resume_path``; a killed run
     started again with the same params, data and code resumes from the last complete epoch
     and ends exactly where an uninterrupted run would. The checkpoint is written once, at the
@@ -473,6 +506,18 @@ class _Run:
     fingerprint: str
     state: TrainingState
     common: dict[str, Any]
+    groups: balance.ImageGroups | None  # each train and val image's group, where the recipe reads them
+    draw_weights: torch.Tensor | None  # per training image, for a balanced epoch; None: the plain shuffle
+
+    def worst_group_acc(self, val: EpochResult) -> float | None:
+        """The worst validation group's accuracy (groups of at least ``groups.min_images``); None without groups.
+
+        Validation results list the images in split order, under DDP too (shards gathered in rank order).
+        """
+        if self.groups is None or self.params.grouping is None:
+            return None
+        correct = val.predictions == val.labels
+        return balance.worst_group_accuracy(correct, self.groups.val, self.params.grouping.min_images)
 
     @property
     def recipe(self) -> TrainParams:
@@ -485,7 +530,9 @@ def _prepare(approach: str, params: Params, processed_dir: Path, device: torch.d
     recipe, runtime, classes = params.approach(approach), params.train, list(params.data.classes)
     train_split, val_split = (load_tensors(processed_dir, split, classes) for split in ("train", "val"))
     image_size = int(train_split.inputs.shape[-1])
-    fingerprint = run_fingerprint(approach, params, image_size, data_digest(train_split, val_split))
+    groups = balance.image_groups(params, approach, processed_dir)
+    group_key = balance.groups_digest(groups, params.grouping.min_images) if groups and params.grouping else None
+    fingerprint = run_fingerprint(approach, params, image_size, data_digest(train_split, val_split), group_key)
     resumed = load_resume_state(resume_path, fingerprint) if resume_path else None
     if device.type == "cuda":
         train_split, val_split = _place_on_gpu(approach, train_split, val_split, device, runtime.gpu_data_gb)
@@ -512,7 +559,8 @@ def _prepare(approach: str, params: Params, processed_dir: Path, device: torch.d
         log.info("%s: resuming after epoch %d from %s", approach, state.epoch, resume_path)
     common = {"device": device, "amp": runtime.amp, "memory_format": memory_format, "progress": progress}
     return _Run(approach, params, device, train_split, val_split, model, step_model, eval_model, model_args,
-                image_size, cached, fingerprint, state, common)
+                image_size, cached, fingerprint, state, common, groups,
+                balance.draw_weights(approach, params, train_split.labels, groups))
 
 
 def _place_on_gpu(approach: str, train: SplitTensors, val: SplitTensors, device: torch.device, budget_gb: float,
@@ -551,7 +599,8 @@ def _training_modules(approach: str, model: Classifier, trained: nn.Module, para
         log.info("%s: validating and saving a moving average of the weights (decay %g per step: ~%.1f epochs)",
                  approach, recipe.ema_decay, 1 / (1 - recipe.ema_decay) / steps_per_epoch)
     scaler = make_grad_scaler(device, runtime.amp)
-    return step_model, eval_model, TrainingState(model, optimizer, scheduler, ema, scaler, runtime.seed, device)
+    return step_model, eval_model, TrainingState(model, optimizer, scheduler, ema, scaler, runtime.seed, device,
+                                                 recipe.select)
 
 
 def _save_resume(path: Path, fingerprint: str, state: TrainingState, finished: bool) -> None:
@@ -584,14 +633,15 @@ def _fit(run: _Run, live_dir: Path, resume_path: Path | None) -> TrainingState:
         while state.epoch < recipe.epochs and not state.exhausted(recipe.patience):
             started, epoch = time.perf_counter(), state.epoch
             _reseed_rank(seed, epoch, state.augment_rng)
+            batches = _train_batches(run.train_split, recipe.batch_size, state.order_rng, seed, epoch, run.draw_weights)
             train_result = _reduced(train_one_epoch(
-                run.step_model, _train_batches(run.train_split, recipe.batch_size, state.order_rng, seed, epoch),
-                per_rank, state.optimizer, state.scheduler, train_loss, transform=transform, ema=state.ema,
-                scaler=state.scaler, desc=f"{run.approach} {epoch + 1}/{recipe.epochs}", **run.common,
+                run.step_model, batches, per_rank, state.optimizer, state.scheduler, train_loss, transform=transform,
+                ema=state.ema, scaler=state.scaler, desc=f"{run.approach} {epoch + 1}/{recipe.epochs}", **run.common,
             ))
             val_result = _validate(run.eval_model, run.val_split, run.params.evaluate.batch_size, eval_loss, run.common)
-            row = _epoch_row(train_result, val_result)
-            state.record(row, val_result, lambda: _checkpoint(run))
+            worst = run.worst_group_acc(val_result)
+            row = _epoch_row(train_result, val_result, worst)
+            state.record(row, val_result, lambda: _checkpoint(run), worst)
             _log_history(live, [row])
             log.info(
                 "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f img/s",
@@ -604,5 +654,6 @@ def _fit(run: _Run, live_dir: Path, resume_path: Path | None) -> TrainingState:
         if live is not None:  # the last epoch's curves give way to the best epoch's; "step" stays DVCLive's last step
             live.summary = {"step": live.summary["step"], **_best_summary(state)}
     if state.exhausted(recipe.patience):
-        log.info("%s: stopped early, no validation macro-F1 gain for %d epochs", run.approach, state.stale)
+        criterion = "worst-group accuracy" if recipe.select == "worst_group" else "macro-F1"
+        log.info("%s: stopped early, no validation %s gain for %d epochs", run.approach, criterion, state.stale)
     return state
