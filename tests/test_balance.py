@@ -101,6 +101,24 @@ def test_balanced_epochs_draw_every_cell_equally_often_and_a_plain_shuffle_does_
     assert chisquare(uniform, np.full(4, len(draws) / 4)).pvalue < 1e-12
 
 
+def test_under_ddp_every_rank_takes_its_share_of_one_draw_from_a_seed_of_the_epoch(monkeypatch):
+    """3 ranks, 10 images: rank r gets items r, r+3, ... of one 12-index draw seeded by (seed, stream 3, epoch) alone."""
+    labels, groups = layout_arrays()
+    weights = balance.group_cells(labels[:10], groups[:10], CLASSES, min_images=1).probabilities()
+    seed, epoch = 42, 5
+    reference = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 3, epoch]).generate_state(1)[0]))
+    whole = torch.multinomial(weights, 12, replacement=True, generator=reference)
+    run_generator = torch.Generator().manual_seed(0)
+    before = run_generator.get_state()
+    monkeypatch.setattr(balance.distributed, "active", lambda: True)
+    monkeypatch.setattr(balance.distributed, "world_size", lambda: 3)
+    for rank in range(3):
+        monkeypatch.setattr(balance.distributed, "rank", lambda rank=rank: rank)
+        share = balance.epoch_order(weights, run_generator, seed, epoch)
+        assert torch.equal(share, whole[rank::3]) and len(share) == 4
+    assert torch.equal(run_generator.get_state(), before)  # the run's generator is not consumed: nothing to resume
+
+
 def test_the_worst_group_is_the_least_accurate_one_large_enough_to_rank():
     correct = np.array([1, 1, 0, 1, 0, 0, 1, 0, 0], dtype=bool)
     groups = np.array(["a", "a", "a", "a", "b", "b", "b", "c", "c"])  # a 3/4, b 1/3, c 0/2
