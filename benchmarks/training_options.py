@@ -31,7 +31,7 @@ import pandas as pd
 
 from cxr import stats
 from cxr.console import run
-from cxr.data.groups import group_of, load_groups
+from cxr.data.groups import load_groups
 from cxr.data.preprocess import load_split
 from cxr.errors import PipelineError
 from cxr.evaluation.inference import load_trained_model
@@ -76,19 +76,16 @@ def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.
     probabilities = class_probabilities(scored, images, batch, device, desc="intact")
     frame = predictions_frame(paths, labels, probabilities, classes)
     report = subgroup_report({"model": frame}, groups, classes, params.compare.bootstrap_resamples,
-                             params.compare.bootstrap_seed)["model"]["groups"]
-    sizes = group_of(paths, groups).value_counts()
-    ranked = {name: entry["accuracy"]["value"] for name, entry in report.items()
-              if sizes.get(name, 0) >= params.grouping.min_images}
-    worst = min(ranked, key=ranked.get)
+                             params.compare.bootstrap_seed, min_images=params.grouping.min_images)["model"]
+    worst = report["worst_group"]
     hidden = class_probabilities(scored, occluded(images, "center_hidden", params.shortcuts.center_fraction, fill),
                                  batch, device, desc="lungs hidden")
     predicted = probabilities.argmax(1)
     return {"accuracy": stats.accuracy(labels, predicted),
             "macro_f1": stats.macro_f1(len(classes))(labels, predicted),
-            "worst_group": worst, "worst_group_accuracy": ranked[worst],
+            "worst_group": worst, "worst_group_accuracy": report["groups"][worst]["accuracy"]["value"],
             "lungs_hidden_accuracy": stats.accuracy(labels, hidden.argmax(1)),
-            "focus": _focus_scores(report.get(focus))}
+            "focus": _focus_scores(report["groups"].get(focus))}
 
 
 def option_scores(model_path: Path, project: Path, params: Params, focus: str) -> dict[str, dict[str, Any]]:

@@ -50,7 +50,7 @@ def main() -> None:
     subgroups = {}
     if grouping is not None:
         subgroups = subgroup_report(test, load_groups(grouping), classes, settings.bootstrap_resamples, settings.bootstrap_seed,
-                                    params.split.unseen_groups)
+                                    params.split.unseen_groups, grouping.min_images)
         summary += "\n" + subgroups_markdown(subgroups, classes, grouping.group_column)
     write_json(paths.SUBGROUPS_JSON, subgroups)
     write_headlines(reports, subgroups)

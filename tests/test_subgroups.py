@@ -148,6 +148,19 @@ def test_an_absent_class_or_a_one_class_group_gives_no_auc_and_a_dash():
     assert row_b.endswith("| - | - | - | - |")
 
 
+@pytest.mark.parametrize(("min_images", "worst"), [(1, "tiny"), (3, "mid"), (5, "big"), (6, "tiny")])
+def test_the_worst_group_is_ranked_among_groups_of_at_least_min_images(min_images, worst):
+    """tiny (2 images, 0.5 accurate) < mid (3, 0.667) < big (5, 0.8); none with 6 images: all are ranked."""
+    sizes, right = {"tiny": 2, "mid": 3, "big": 5}, {"tiny": 1, "mid": 2, "big": 4}
+    paths = [f"test/{name}{i}.jpg" for name, n in sizes.items() for i in range(n)]
+    labels = ["NORMAL"] * len(paths)
+    predicted = [("NORMAL" if i < right[name] else "PNEUMONIA") for name, n in sizes.items() for i in range(n)]
+    groups = pd.Series([name for name, n in sizes.items() for _ in range(n)], index=paths)
+    report = subgroup_report({"custom": predictions(paths, labels, predicted)}, groups, list(CLASSES), 20, 0,
+                             min_images=min_images)
+    assert report["custom"]["worst_group"] == worst
+
+
 def test_the_pair_score_is_the_share_of_pneumonia_in_the_two():
     frame = predictions(["x", "y", "z"], ["NORMAL", "PNEUMONIA", "COVID19"], ["NORMAL", "NORMAL", "COVID19"])
     frame[["prob_COVID19", "prob_NORMAL", "prob_PNEUMONIA"]] = [[0.5, 0.4, 0.1], [0.0, 0.0, 0.0], [0.9, 0.05, 0.05]]

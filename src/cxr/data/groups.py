@@ -9,7 +9,7 @@ params section is top-level ``groups``; one loader here serves all three stages.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +70,16 @@ def load_groups(settings: GroupsParams) -> pd.Series:
 def group_of(paths: pd.Series, groups: pd.Series) -> pd.Series:
     """Each image's group (:data:`UNGROUPED` where the CSV has no row for it), paths matched without ``Data/``."""
     return paths.map(_relative).map(groups).fillna(UNGROUPED)
+
+
+def worst_group(accuracy: Mapping[str, float], images: Mapping[str, int], min_images: int) -> str:
+    """The group with the lowest accuracy among those with at least ``min_images`` images (any group when none has).
+
+    One rule for the epoch that ``select: worst_group`` keeps and for the report's worst group:
+    a group of a handful of images swings by whole tenths on one film, too noisy to rank.
+    """
+    ranked = [group for group in accuracy if images[group] >= min_images] or list(accuracy)
+    return min(ranked, key=accuracy.__getitem__)
 
 
 def log_matches(settings: GroupsParams, groups: pd.Series, paths: pd.Series, split: str = "test") -> int:

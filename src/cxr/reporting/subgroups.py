@@ -21,7 +21,7 @@ from scipy.stats import rankdata
 
 from cxr import stats
 from cxr.approaches import DISPLAY_NAMES
-from cxr.data.groups import group_of
+from cxr.data.groups import group_of, worst_group
 from cxr.evaluation.predictions import probabilities_of
 from cxr.reporting.comparison import interval
 
@@ -98,20 +98,21 @@ def _group_scores(frame: pd.DataFrame, classes: Sequence[str], resamples: int, s
 
 
 def subgroup_report(frames: Mapping[str, pd.DataFrame], groups: pd.Series, classes: Sequence[str],
-                    resamples: int, seed: int, unseen: Collection[str] = ()) -> dict[str, Any]:
+                    resamples: int, seed: int, unseen: Collection[str] = (), min_images: int = 20) -> dict[str, Any]:
     """Per model and group: images, accuracy, per-class sensitivity and ROC AUC, and the pneumonia-vs-normal AUC,
     each with its 95% interval (None where a class is absent); whether training saw the group; the worst group.
 
     Test images the CSV does not list form one more group, so nothing silently drops out.
-    The worst group is the one with the lowest accuracy among groups of at least 10 images
-    (smaller ones are reported but too noisy to rank).
+    The worst group is the one with the lowest accuracy among groups of at least ``min_images``
+    images (``groups.min_images``; smaller ones are reported but too noisy to rank), the rule
+    ``select: worst_group`` chooses epochs by (:func:`cxr.data.groups.worst_group`).
     """
     report: dict[str, Any] = {}
     for model, frame in frames.items():
         scores = {str(group): _group_scores(part, classes, resamples, seed) | {"unseen": group in unseen}
                   for group, part in frame.groupby(group_of(frame["path"], groups).to_numpy(), sort=True)}
-        rankable = {group: entry for group, entry in scores.items() if entry["images"] >= 10} or scores
-        worst = min(rankable, key=lambda group: rankable[group]["accuracy"]["value"])
+        worst = worst_group({group: entry["accuracy"]["value"] for group, entry in scores.items()},
+                            {group: entry["images"] for group, entry in scores.items()}, min_images)
         report[model] = {"groups": scores, "worst_group": worst}
     return report
 

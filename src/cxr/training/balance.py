@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from cxr.approaches import REGISTRY
-from cxr.data.groups import group_of, load_groups, log_matches
+from cxr.data.groups import group_of, load_groups, log_matches, worst_group
 from cxr.data.preprocess import load_split
 from cxr.errors import PipelineError
 from cxr.params import Params
@@ -168,7 +168,6 @@ def worst_group_accuracy(correct: np.ndarray, groups: np.ndarray, min_images: in
 
     ``correct`` and ``groups`` are aligned per image; smaller groups are too noisy to rank.
     """
-    _, index, counts = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
-    accuracy = np.bincount(index, weights=np.asarray(correct, dtype=np.float64)) / counts
-    ranked = accuracy[counts >= min_images]
-    return float((ranked if len(ranked) else accuracy).min())
+    names, index, counts = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
+    accuracy = dict(zip(names, np.bincount(index, weights=np.asarray(correct, dtype=np.float64)) / counts))
+    return float(accuracy[worst_group(accuracy, dict(zip(names, counts)), min_images)])
