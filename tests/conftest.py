@@ -13,6 +13,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -165,6 +166,28 @@ def kaggle_tree(tmp_path: Path) -> Path:
 def kaggle_zip(tmp_path: Path) -> Path:
     """A zip of a default synthetic data set with ``Data/`` at the top of the archive."""
     return make_kaggle_zip(tmp_path)
+
+
+class Reproduced(NamedTuple):
+    """A project after its first ``dvc repro``, and that run's output."""
+
+    project: Path
+    log: str
+
+
+@pytest.fixture(scope="session")
+def reproduced_mini(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
+    """The generated mini project (8 images per class at 40 px, 32 px arrays, one epoch) after one full ``dvc repro``.
+
+    A full run trains every model and is the slow part of each DVC test, so the session runs it once
+    and each test that needs it works on its own ``test_pipeline.copy_project`` (never on this one).
+    """
+    from test_pipeline import make_project, sh  # test_pipeline imports this module: import it here, not at the top
+
+    root = tmp_path_factory.mktemp("mini")
+    source = make_kaggle_tree(root / "images", per_class=8, size=40).parent
+    project = make_project(root, source, image_size=32, epochs=1)
+    return Reproduced(project, sh(project, "dvc", "repro"))
 
 
 def write_processed(folder: Path, per_class: dict[str, int], size: int = 32) -> None:

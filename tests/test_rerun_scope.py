@@ -1,15 +1,21 @@
 """Changing a key of each params section reruns exactly the stages that must rerun, and nothing else.
 
-One temporary project (``make_project`` on a small generated data set) is built and
-reproduced once for the whole module; every test then changes one param to a value never
-used before in this module (DVC's run-cache would otherwise restore a stage instead of
-running it, see treeverse/dvc#10296), runs ``dvc repro`` and compares the stages that ran
-with :data:`EXPECTED_RERUNS`, exactly. A stage that reruns too often means its ``params:``
-list in ``dvc.yaml`` is too broad (or its outputs are not reproducible byte for byte); one
-that does not rerun means the list is too narrow.
+Each test changes one param in a copy of the session's reproduced mini project (conftest's
+``reproduced_mini``) and holds the stages that must rerun, :data:`EXPECTED_RERUNS`, against two things:
 
-The tests share the project, so they run in the order below; each first checks that the
-project is up to date, so one failure does not silently change what the next one measures.
+* ``dvc status``: the stages that read the key (their ``params:`` in ``dvc.yaml``). Each must be
+  expected (else its list is too broad), and every expected stage must be one of them or come after
+  one in ``dvc dag`` (else a list is too narrow: nothing could make it rerun).
+* Where the expected stages are all of those and every stage after them, nothing more is left to
+  check: the stages that read the key write new outputs, and DVC reruns whatever depends on a changed
+  output. Where fewer are expected, the reruns stop at an output we promise to write byte for byte
+  the same (the same data/raw, the same arrays, the same predictions), which only a real run shows:
+  those keys run ``dvc repro`` and compare the stages that ran with the expected ones, exactly.
+
+A key checked by status alone is set back afterwards. A key checked by a run stays changed, and its
+new value was never used in this project (DVC's run-cache would otherwise restore a stage instead of
+running it, see treeverse/dvc#10296). The tests share the copy, so they run in the order below; each
+first checks that the project is up to date, so one failure does not change what the next one measures.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import make_kaggle_tree
-from test_pipeline import make_project, ran_stages, sh
+from conftest import Reproduced
+from test_pipeline import copy_project, ran_stages, sh
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +41,7 @@ EVALUATE = frozenset({"evaluate@custom", "evaluate@extract", "evaluate@finetune"
 FROM_PREPROCESS = ALL_STAGES - {"download", "split", "audit"}
 FROM_SPLIT = ALL_STAGES - {"download"}
 
-# param (dotted key) -> (new value, never used before in this module; stages that must run, exactly)
+# param (dotted key) -> (new value, never used before in this module; stages that must rerun, exactly)
 EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
     # Only the download stage reads data.kaggle_handle (and ignores it for a local source), so
     # download reruns, writes the same data/raw, and nothing downstream may follow.
@@ -77,7 +83,7 @@ EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
     # the evaluate stages check it and log its match rate (outputs byte-identical, so external stays put);
     # compare writes the subgroup report. The project fixture writes groups.csv.
     "groups.csv": ("groups.csv", frozenset({"split"}) | EVALUATE | {"compare"}),
-    # Needs groups.csv (set just above): one COVID19 and one NORMAL training image leave train and val, so
+    # With groups.csv (set just above) one COVID19 and one NORMAL training image leave train and val, so
     # every stage that reads the split reruns.
     "split.unseen_groups": (["north"], FROM_SPLIT),
     # The probe's length retrains only the probe; the audit and the report follow.
@@ -89,6 +95,7 @@ EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
 }
 
 _CACHED = re.compile(r"Stage '([^']+)' is cached")
+_EDGE = re.compile(r'"([^"]+)" -> "([^"]+)"')
 
 
 def _restored(log: str) -> set[str]:
@@ -107,6 +114,22 @@ def _set_param(project: Path, dotted: str, value: Any) -> Any:
     return old
 
 
+def _status(project: Path) -> dict:
+    """``dvc status --json``: the stages whose deps or params differ from dvc.lock, with what changed."""
+    return json.loads(sh(project, "dvc", "status", "--json"))
+
+
+def _with_followers(edges: list[tuple[str, str]], stages: set[str]) -> set[str]:
+    """``stages`` and every stage after one of them along ``edges``: all that can rerun once they have."""
+    reach, todo = set(stages), list(stages)
+    while todo:
+        stage = todo.pop()
+        for after in {target for source, target in edges if source == stage} - reach:
+            reach.add(after)
+            todo.append(after)
+    return reach
+
+
 def _site(path: Path) -> str:
     """The fixture's collections: 'north' is the first COVID19 and the first NORMAL training image, 'south' the rest."""
     first = path.parent.parent.name == "train" and path == min(path.parent.glob("*.jp*g"))
@@ -114,15 +137,19 @@ def _site(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp_path = tmp_path_factory.mktemp("rerun_scope")
-    source = make_kaggle_tree(tmp_path / "images", per_class=8, size=40).parent
-    project = make_project(tmp_path, source, image_size=32, epochs=1)
+def project(reproduced_mini: Reproduced, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    assert ran_stages(reproduced_mini.log) == ALL_STAGES, reproduced_mini.log[-3000:]
+    project = copy_project(reproduced_mini.project, tmp_path_factory.mktemp("rerun_scope") / "project")
+    source = Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["source"])
     (project / "groups.csv").write_text("file,source_repo\n" + "".join(
         f"{path.relative_to(source).as_posix()},{_site(path)}\n" for path in sorted((source / "Data").rglob("*.jp*g"))))
-    first = sh(project, "dvc", "repro")
-    assert ran_stages(first) == ALL_STAGES, first[-3000:]
     return project
+
+
+@pytest.fixture(scope="module")
+def edges(project: Path) -> list[tuple[str, str]]:
+    """The pipeline's edges (stage, a stage that depends on it), as ``dvc dag`` draws them."""
+    return _EDGE.findall(sh(project, "dvc", "dag", "--dot"))
 
 
 def test_values_are_fresh(project: Path) -> None:
@@ -134,16 +161,37 @@ def test_values_are_fresh(project: Path) -> None:
         assert params[section][key] != value, dotted
 
 
+def test_the_stages_after_a_stage_come_from_dvc_dag(edges: list[tuple[str, str]]) -> None:
+    """The control of the status checks below: the stages after a few, known from the pipeline's structure."""
+    assert _with_followers(edges, set()) == set()
+    assert _with_followers(edges, {"download"}) == ALL_STAGES
+    assert _with_followers(edges, {"audit"}) == FROM_PREPROCESS | {"audit"}
+    assert _with_followers(edges, {"train_probe"}) == {"train_probe", "shortcuts", "compare"}
+    assert _with_followers(edges, {"evaluate@extract"}) == {"evaluate@extract", "external", "compare"}
+
+
 @pytest.mark.parametrize("dotted", list(EXPECTED_RERUNS))
-def test_param_change_reruns_exactly(project: Path, dotted: str) -> None:
-    before = sh(project, "dvc", "repro")
-    assert ran_stages(before) == set(), f"project not up to date before changing {dotted}:\n{before[-3000:]}"
+def test_param_change_reruns_exactly(project: Path, edges: list[tuple[str, str]], dotted: str) -> None:
+    before = _status(project)
+    assert before == {}, f"project not up to date before changing {dotted}: {before}"
 
     value, expected = EXPECTED_RERUNS[dotted]
     old = _set_param(project, dotted, value)
     assert old != value, f"{dotted}={value!r} is not a change"
-    log = sh(project, "dvc", "repro")
+    reading = set(_status(project))
+    reach = _with_followers(edges, reading)
+    by_status = expected == reach  # all that follows the stages that read the key reruns: DVC's cascade, not ours
+    if by_status or not reading <= expected <= reach:
+        _set_param(project, dotted, old)  # nothing ran: the project stays up to date for the next key
+    assert reading <= expected <= reach, (
+        f"{dotted}: {old!r} -> {value!r}\n"
+        f"  reads the key but should not rerun: {sorted(reading - expected)}\n"
+        f"  should rerun but neither reads the key nor comes after a stage that does: {sorted(expected - reach)}"
+    )
+    if by_status:
+        return
 
+    log = sh(project, "dvc", "repro")
     ran, restored = ran_stages(log), _restored(log)
     assert not restored, f"{dotted}: stages restored from the run-cache (value not fresh?): {sorted(restored)}"
     assert ran == set(expected), (

@@ -16,8 +16,7 @@ import pytest
 
 from cxr.approaches import APPROACHES, ENSEMBLE
 
-from conftest import make_kaggle_tree
-from test_pipeline import make_project, sh
+from test_pipeline import copy_project, sh
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +44,9 @@ def _metrics(rev: dict) -> dict[str, dict]:
     return {path: entry["data"] for path, entry in (rev["data"].get("metrics") or {}).items()}
 
 
-def test_queued_sweep_runs_and_lists_both_experiments_with_the_headline(tmp_path):
-    source = make_kaggle_tree(tmp_path / "images", per_class=8, size=40).parent
-    project = make_project(tmp_path, source, image_size=32, epochs=1)
-    sh(project, "dvc", "repro")
+def test_queued_sweep_runs_and_lists_both_experiments_with_the_headline(reproduced_mini, tmp_path):
+    project = copy_project(reproduced_mini.project, tmp_path / "project")  # the baseline, reproduced
+    assert sh(project, "dvc", "status", "--json").strip() == "{}"
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
 
