@@ -105,7 +105,7 @@ def option_scores(model_path: Path, project: Path, params: Params, focus: str) -
 
 
 def _ci(entry: dict[str, float] | None) -> str:
-    return "-" if not entry else f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+    return "-" if not entry else f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
 
 
 def markdown(scores: dict[str, dict[str, dict[str, Any]]], focus: str) -> str:

@@ -93,3 +93,13 @@ def _pair_score(model: nn.Module, images: np.ndarray) -> np.ndarray:
     probs = _probabilities_of(model)(None, images)
     return probs[:, 2] / (probs[:, 1] + probs[:, 2])
 
+
+def test_the_table_prints_each_option_and_split_with_intervals():
+    entry = {"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}
+    row = {"accuracy": 0.9, "macro_f1": 0.8, "worst_group": "b", "worst_group_accuracy": 0.6, "lungs_hidden_accuracy": 0.4,
+           "focus": {"accuracy": entry, "pneumonia_sensitivity": None, "normal_sensitivity": entry,
+                     "pneumonia_vs_normal_auc": entry}}
+    lines = _script().markdown({"keep-none": {"val": row}}, "b").splitlines()
+    assert lines[-1] == ("| keep-none | val | 0.9000 | 0.8000 | 0.6000 (b) | 0.500 [0.250, 0.750] | - | "
+                         "0.500 [0.250, 0.750] | 0.500 [0.250, 0.750] | 0.4000 |")
+
