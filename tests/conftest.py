@@ -1,8 +1,9 @@
 """Shared fixtures: tiny synthetic Kaggle-layout data sets, and a guard against network access in every process.
 
-``make_kaggle_tree`` and ``make_kaggle_zip`` are plain functions (importable with
-``from conftest import make_kaggle_tree, make_kaggle_zip``) so tests can vary the data set;
-the ``kaggle_tree`` and ``kaggle_zip`` fixtures wrap them with the defaults.
+``make_kaggle_tree``, ``make_kaggle_zip`` and ``make_bad_data_set`` are plain functions (importable
+with ``from conftest import make_kaggle_tree, ...``) so tests can vary the data set; the
+``kaggle_tree`` and ``kaggle_zip`` fixtures wrap them with the defaults, and ``reproduced_mini`` is
+the session's one fully reproduced pipeline project.
 """
 
 from __future__ import annotations
@@ -156,6 +157,47 @@ def make_kaggle_zip(tmp_path: Path, top_folder: str | None = None) -> Path:
     return archive
 
 
+BAD_KINDS = ("corrupt", "empty", "truncated")
+
+
+def _bad_names(split: str, label: str, group: int) -> dict[str, str]:
+    """File name -> kind for one group of bad files (one file of each kind), patient-grouped where names allow."""
+    if label == "PNEUMONIA":  # person<N>_..., one patient per group
+        patient = (1500 if split == "test" else 500) + group
+        return {f"person{patient}_bacteria_{9000 + i}.jpeg": kind for i, kind in enumerate(BAD_KINDS)}
+    if label == "NORMAL":  # IM-<N>-..., one patient per group
+        return {f"IM-{900 + group:04d}-{i + 1:04d}.jpeg": kind for i, kind in enumerate(BAD_KINDS)}
+    return {f"bad_{kind}_{group}.jpg": kind for kind in BAD_KINDS}  # no patient in the name: one group per file
+
+
+def make_bad_data_set(root: Path, per_class: int = 12, groups: int = 2) -> tuple[Path, dict[str, str]]:
+    """A :func:`make_kaggle_tree` (40 px) plus ``groups`` bad files of each kind per class and folder.
+
+    The kinds: ``corrupt`` (random bytes under a JPEG name), ``empty`` (0 bytes) and ``truncated``
+    (a good JPEG of the set cut in half). In ``Data/train`` the PNEUMONIA and NORMAL ones come as one
+    file of each kind per made-up patient, so the patient-grouped split moves the three kinds together.
+    ``per_class`` good images (12: 6 PNEUMONIA patients) leave 4 folds after the bad ones.
+    Returns the ``Data`` folder and {path relative to it (as the split tables write it): kind}.
+    """
+    data = make_kaggle_tree(root, per_class=per_class, size=40)
+    rng = np.random.default_rng(1)
+    bad = {}
+    for split in ("train", "test"):
+        for label in CLASSES:
+            folder = data / split / label
+            valid = min(folder.iterdir()).read_bytes()  # a good JPEG of this class
+            for group in range(groups):
+                for name, kind in _bad_names(split, label, group).items():
+                    content = {
+                        "corrupt": b"\x00\x07" + rng.bytes(2046),
+                        "empty": b"",
+                        "truncated": valid[: len(valid) // 2],
+                    }[kind]
+                    (folder / name).write_bytes(content)
+                    bad[f"{split}/{label}/{name}"] = kind
+    return data, bad
+
+
 @pytest.fixture
 def kaggle_tree(tmp_path: Path) -> Path:
     """A default synthetic data set; the ``Data`` folder (``tmp_path/kaggle/Data``)."""
@@ -169,25 +211,28 @@ def kaggle_zip(tmp_path: Path) -> Path:
 
 
 class Reproduced(NamedTuple):
-    """A project after its first ``dvc repro``, and that run's output."""
+    """A project after its first ``dvc repro``, that run's output, and the bad files of its data set."""
 
     project: Path
     log: str
+    bad: dict[str, str]
 
 
 @pytest.fixture(scope="session")
 def reproduced_mini(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
-    """The generated mini project (8 images per class at 40 px, 32 px arrays, one epoch) after one full ``dvc repro``.
+    """The generated mini project after one full ``dvc repro``: 32 px arrays, one epoch per model.
 
-    A full run trains every model and is the slow part of each DVC test, so the session runs it once
-    and each test that needs it works on its own ``test_pipeline.copy_project`` (never on this one).
+    Its data set is :func:`make_bad_data_set`'s (12 good images per class and folder, plus bad files
+    in every split), so this one run also shows that bad files never stop the pipeline. A full run
+    trains every model and is the slow part of each DVC test, so the session runs it once: tests read
+    it, and a test that changes anything works on its own ``test_pipeline.copy_project`` of it.
     """
     from test_pipeline import make_project, sh  # test_pipeline imports this module: import it here, not at the top
 
     root = tmp_path_factory.mktemp("mini")
-    source = make_kaggle_tree(root / "images", per_class=8, size=40).parent
-    project = make_project(root, source, image_size=32, epochs=1)
-    return Reproduced(project, sh(project, "dvc", "repro"))
+    data, bad = make_bad_data_set(root / "images")
+    project = make_project(root, data.parent, image_size=32, epochs=1)
+    return Reproduced(project, sh(project, "dvc", "repro"), bad)
 
 
 def write_processed(folder: Path, per_class: dict[str, int], size: int = 32) -> None:

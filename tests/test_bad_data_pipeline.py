@@ -1,6 +1,7 @@
 """Unreadable images in every split (train, val and test) are skipped and reported, never fatal.
 
-A generated Kaggle-layout data set gets three kinds of bad file in every split:
+A generated Kaggle-layout data set (``conftest.make_bad_data_set``) gets three kinds of bad file
+in every split:
 
 * ``corrupt``: random bytes under a ``.jpeg``/``.jpg`` name (not an image at all),
 * ``empty``: 0 bytes,
@@ -11,9 +12,10 @@ kind per (made-up) patient, so the patient-grouped split moves the three kinds t
 every patient group that lands in validation brings all three there.
 
 Checked three ways: the library function ``preprocess_split`` (fast), the stage scripts run
-one after another without DVC, and ``dvc repro`` of the whole pipeline (slow), which must
-run every stage to the end and report each bad file exactly once, with a reason that names
-its kind, and count them per split in ``metrics/data.json``.
+one after another without DVC, and ``dvc repro`` of the whole pipeline (slow: the session's
+shared project, conftest's ``reproduced_mini``, is built on this data set), which must run every
+stage to the end and report each bad file exactly once, with a reason that names its kind, and
+count them per split in ``metrics/data.json``.
 """
 
 from __future__ import annotations
@@ -33,11 +35,10 @@ from cxr.data.split import SPLIT_NAMES, index_split, make_splits
 from cxr.files import read_json
 from cxr.params import CLASSES
 
-from conftest import make_kaggle_tree
-from test_pipeline import make_project, ran_stages, sh
+from conftest import BAD_KINDS, Reproduced, make_bad_data_set
+from test_pipeline import make_project, ran_stages
 
-KINDS = ("corrupt", "empty", "truncated")
-# What preprocess writes after "<path>: " for each kind; the three must differ.
+# What preprocess writes after "<path>: " for each kind of bad file (conftest.BAD_KINDS); the three must differ.
 REASONS = {
     "corrupt": "not an image (unrecognised file format)",
     "empty": "empty file",
@@ -47,43 +48,8 @@ ALL_STAGES = {
     "download", "split", "audit", "preprocess", "train@custom", "train@extract", "train@finetune",
     "evaluate@custom", "evaluate@extract", "evaluate@finetune", "train_probe", "shortcuts", "external", "compare",
 }
-PER_CLASS = 12  # good images per class and folder: 6 PNEUMONIA patients, enough for 4 folds after bad ones
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # what conftest's reproduced_mini uses
 VAL_FRACTION = 0.25  # what make_project sets
-
-
-def _bad_names(split: str, label: str, group: int) -> dict[str, str]:
-    """File name -> kind for one group of bad files (one file of each kind), patient-grouped where names allow."""
-    if label == "PNEUMONIA":  # person<N>_..., one patient per group
-        patient = (1500 if split == "test" else 500) + group
-        return {f"person{patient}_bacteria_{9000 + i}.jpeg": kind for i, kind in enumerate(KINDS)}
-    if label == "NORMAL":  # IM-<N>-..., one patient per group
-        return {f"IM-{900 + group:04d}-{i + 1:04d}.jpeg": kind for i, kind in enumerate(KINDS)}
-    return {f"bad_{kind}_{group}.jpg": kind for kind in KINDS}  # no patient in the name: one group per file
-
-
-def make_bad_data_set(root: Path, groups: int = 2) -> tuple[Path, dict[str, str]]:
-    """A generated data set plus ``groups`` bad files of each kind per class and folder.
-
-    Returns the ``Data`` folder and {path relative to it (as the split tables write it): kind}.
-    """
-    data = make_kaggle_tree(root, per_class=PER_CLASS, size=40)
-    rng = np.random.default_rng(1)
-    bad = {}
-    for split in ("train", "test"):
-        for label in CLASSES:
-            folder = data / split / label
-            valid = min(folder.iterdir()).read_bytes()  # a good JPEG of this class
-            for group in range(groups):
-                for name, kind in _bad_names(split, label, group).items():
-                    content = {
-                        "corrupt": b"\x00\x07" + rng.bytes(2046),
-                        "empty": b"",
-                        "truncated": valid[: len(valid) // 2],
-                    }[kind]
-                    (folder / name).write_bytes(content)
-                    bad[f"{split}/{label}/{name}"] = kind
-    return data, bad
 
 
 def _where(tables: dict[str, pd.DataFrame], bad: dict[str, str]) -> dict[str, str]:
@@ -96,7 +62,7 @@ def _where(tables: dict[str, pd.DataFrame], bad: dict[str, str]) -> dict[str, st
     where = {path: split_of[path] for path in bad}
     for split in SPLIT_NAMES:
         kinds = {bad[path] for path, name in where.items() if name == split}
-        assert kinds == set(KINDS), (
+        assert kinds == set(BAD_KINDS), (
             f"the data set must put every kind of bad file into {split}; it has {sorted(kinds)} there "
             f"(the split moved them elsewhere: add bad groups or change their names)"
         )
@@ -212,11 +178,12 @@ def test_data_stages_run_through_bad_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_to_the_end_with_bad_files(tmp_path):
-    data, bad = make_bad_data_set(tmp_path / "images")
-    project = make_project(tmp_path, data.parent, image_size=IMAGE_SIZE, epochs=1)
-    log = sh(project, "dvc", "repro")
-    assert ran_stages(log) == ALL_STAGES, log[-3000:]
-    _check_project(project, bad)
-    assert (project / "metrics" / "summary.json").is_file()
-    assert ran_stages(sh(project, "dvc", "repro")) == set()
+def test_dvc_repro_runs_to_the_end_with_bad_files(reproduced_mini: Reproduced):
+    """The session's mini project holds the bad files; its one full run went through every stage.
+
+    That a second ``dvc repro`` of it runs nothing (no stage is left out of date by a bad file) is
+    checked in a copy by test_pipeline, test_external and test_sweep.
+    """
+    assert ran_stages(reproduced_mini.log) == ALL_STAGES, reproduced_mini.log[-3000:]
+    _check_project(reproduced_mini.project, reproduced_mini.bad)
+    assert (reproduced_mini.project / "metrics" / "summary.json").is_file()

@@ -83,7 +83,7 @@ EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
     # the evaluate stages check it and log its match rate (outputs byte-identical, so external stays put);
     # compare writes the subgroup report. The project fixture writes groups.csv.
     "groups.csv": ("groups.csv", frozenset({"split"}) | EVALUATE | {"compare"}),
-    # With groups.csv (set just above) one COVID19 and one NORMAL training image leave train and val, so
+    # With groups.csv (set just above) one COVID19 and one NORMAL training file leave train and val, so
     # every stage that reads the split reruns.
     "split.unseen_groups": (["north"], FROM_SPLIT),
     # The probe's length retrains only the probe; the audit and the report follow.
@@ -131,7 +131,7 @@ def _with_followers(edges: list[tuple[str, str]], stages: set[str]) -> set[str]:
 
 
 def _site(path: Path) -> str:
-    """The fixture's collections: 'north' is the first COVID19 and the first NORMAL training image, 'south' the rest."""
+    """The fixture's collections: 'north' is the first COVID19 and the first NORMAL training file, 'south' the rest."""
     first = path.parent.parent.name == "train" and path == min(path.parent.glob("*.jp*g"))
     return "north" if first and path.parent.name in ("COVID19", "NORMAL") else "south"
 
