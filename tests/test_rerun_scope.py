@@ -80,9 +80,12 @@ EXPECTED_RERUNS: dict[str, tuple[Any, frozenset[str]]] = {
     # Only the Grad-CAM gallery changes: predictions are byte-identical, so compare must not rerun.
     "evaluate.gradcam_per_class": (2, EVALUATE),
     # Split checks the groups CSV first and, with no unseen group, writes the same split (so audit stays put);
-    # the evaluate stages check it and log its match rate (outputs byte-identical, so external stays put);
-    # compare writes the subgroup report. The project fixture writes groups.csv.
-    "groups.csv": ("groups.csv", frozenset({"split"}) | EVALUATE | {"compare"}),
+    # the training stages read the groups section (balance: group, select: worst_group) and, with the default
+    # recipes, save byte-identical checkpoints (so shortcuts stays put); the evaluate stages check the CSV and
+    # log its match rate (outputs byte-identical, so external stays put); compare writes the subgroup report.
+    # The project fixture writes groups.csv.
+    "groups.csv": ("groups.csv", frozenset({"split", "train@custom", "train@extract", "train@finetune", "train_probe"})
+                   | EVALUATE | {"compare"}),
     # With groups.csv (set just above) one COVID19 and one NORMAL training file leave train and val, so
     # every stage that reads the split reruns.
     "split.unseen_groups": (["north"], FROM_SPLIT),
