@@ -6,8 +6,9 @@ a project whose ``groups`` section is set. Each model is then scored on validati
 the pipeline scores it (test-time augmentation as in ``evaluate.tta``): overall accuracy and
 macro-F1, per-group accuracy and its worst group, the focus collection's accuracy, PNEUMONIA
 sensitivity, NORMAL sensitivity (films called NORMAL) and pneumonia-vs-normal ROC AUC with 95%
-bootstrap intervals, and the accuracy with the centred lung box hidden. Options are chosen on
-the validation rows; the test rows are what the chosen one then scores.
+bootstrap intervals and its misclassified films, and the accuracy with the centred lung box
+hidden. Options are chosen on the validation rows; the test rows are what the chosen one then
+scores.
 
 A model already at ``<out>/<border>-<balance>/custom.pt`` is scored, not retrained, and a killed
 training resumes from its ``custom.resume.pt``.
@@ -31,7 +32,7 @@ import pandas as pd
 
 from cxr import stats
 from cxr.console import run
-from cxr.data.groups import load_groups
+from cxr.data.groups import group_of, load_groups
 from cxr.data.preprocess import load_split
 from cxr.errors import PipelineError
 from cxr.evaluation.inference import load_trained_model
@@ -71,7 +72,11 @@ def _focus_scores(entry: dict[str, Any] | None) -> dict[str, Any]:
 
 def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.Series, params: Params,
                  groups: pd.Series, fill: int, focus: str, device: Any) -> dict[str, Any]:
-    """One split's scores: overall, worst group (groups of at least ``groups.min_images`` images), focus, lungs hidden."""
+    """One split's scores: overall, worst group (groups of at least ``groups.min_images`` images), focus, lungs hidden.
+
+    The focus collection's misclassified films are listed with their probabilities, so a low sensitivity can be
+    read film by film (are they hard films, or label noise?).
+    """
     classes, batch = list(params.data.classes), params.evaluate.batch_size
     probabilities = class_probabilities(scored, images, batch, device, desc="intact")
     frame = predictions_frame(paths, labels, probabilities, classes)
@@ -81,11 +86,13 @@ def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.
     hidden = class_probabilities(scored, occluded(images, "center_hidden", params.shortcuts.center_fraction, fill),
                                  batch, device, desc="lungs hidden")
     predicted = probabilities.argmax(1)
+    wrong = (group_of(paths, groups) == focus).to_numpy() & (predicted != labels)
     return {"accuracy": stats.accuracy(labels, predicted),
             "macro_f1": stats.macro_f1(len(classes))(labels, predicted),
             "worst_group": worst, "worst_group_accuracy": report["groups"][worst]["accuracy"]["value"],
             "lungs_hidden_accuracy": stats.accuracy(labels, hidden.argmax(1)),
-            "focus": _focus_scores(report["groups"].get(focus))}
+            "focus": _focus_scores(report["groups"].get(focus)),
+            "focus_misclassified": frame[wrong].round(4).to_dict("records")}
 
 
 def option_scores(model_path: Path, project: Path, params: Params, focus: str) -> dict[str, dict[str, Any]]:

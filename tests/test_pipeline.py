@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from cxr.files import read_json
@@ -183,3 +184,43 @@ def test_dvc_repro_on_real_mini_images(tmp_path):
     assert ran_stages(sh(project, "dvc", "repro")) == set()
     counts = read_json(project / "metrics" / "data.json")["processed"]
     assert sum(counts[split]["total"] for split in ("train", "val")) == 72 and counts["test"]["total"] == 24
+
+
+MINI_MANIFEST = MINI_ZIP.parent / "cxr3-mini" / "manifest.csv"
+NIH = "muhammedtalo/COVID-19"
+
+
+@pytest.mark.skipif(not MINI_MANIFEST.is_file(), reason="../shared/data/cxr3-mini/manifest.csv not present")
+def test_worst_group_options_run_through_dvc_repro_on_real_mini_images(tmp_path):
+    """Issue 29's options on real collections: the mini's manifest as groups, the NIH collection kept unseen, and
+    the custom CNN trained with ``balance: group``, ``select: worst_group`` and ``border: crop``."""
+    project = make_project(tmp_path, MINI_ZIP, image_size=64, epochs=2)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["groups"].update(csv=str(MINI_MANIFEST), min_images=2)
+    params["split"]["unseen_groups"] = [NIH]
+    params["train_custom"].update(balance="group", select="worst_group", border="crop")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(project, "git", "commit", "-qam", "worst-group recipe")
+    log = sh(project, "dvc", "repro")
+    assert {"split", "train@custom", "compare"} <= ran_stages(log)
+    check_outputs(project)
+
+    manifest = pd.read_csv(MINI_MANIFEST)
+    nih = manifest[manifest["source_repo"] == NIH]
+    nih_train = int((nih["split"] == "train").sum())
+    assert read_json(project / "reports" / "split.json")["unseen_groups"] == {
+        NIH: {"removed_from_train_val": nih_train, "test_images": int((nih["split"] == "test").sum())}}
+    counts = read_json(project / "metrics" / "data.json")["processed"]
+    assert sum(counts[split]["total"] for split in ("train", "val")) == 72 - nih_train
+
+    assert torch.load(project / "models" / "custom.pt", weights_only=True)["model_args"]["crop"] is True
+    curve = pd.read_csv(project / "dvclive" / "custom" / "plots" / "metrics" / "val" / "worst_group_acc.tsv", sep="\t")
+    summary = read_json(project / "dvclive" / "custom" / "metrics.json")
+    assert summary["best_val_worst_group_acc"] == pytest.approx(curve["worst_group_acc"].max(), abs=1e-6)
+
+    report = read_json(project / "metrics" / "subgroups.json")["custom"]["groups"]
+    assert {group for group, entry in report.items() if entry["unseen"]} == {NIH}
+    predictions = pd.read_csv(project / "metrics" / "predictions" / "custom.csv")
+    in_nih = ("Data/" + predictions["path"]).isin(nih["file"]) | predictions["path"].isin(nih["file"])
+    right = (predictions["label"] == predictions["predicted"])[in_nih]
+    assert report[NIH]["accuracy"]["value"] == pytest.approx(right.mean())

@@ -76,6 +76,8 @@ def test_split_scores_match_sklearn_and_hand_counts(min_images, monkeypatch):
     assert focus["normal_sensitivity"]["value"] == pytest.approx(0.5)     # b1 right, b2 called COVID19
     score = _pair_score(scored, _images([255, 128, 0]))  # b0 PNEUMONIA; b1, b2 NORMAL
     assert focus["pneumonia_vs_normal_auc"]["value"] == pytest.approx(roc_auc_score(labels[6:] == 2, score))
+    assert [(film["path"], film["label"], film["predicted"]) for film in row["focus_misclassified"]] == [
+        ("test/b2.jpg", "NORMAL", "COVID19")]
     # every box hidden with 128: all called NORMAL (class 1)
     assert row["lungs_hidden_accuracy"] == pytest.approx(np.mean(labels == 1))
 
