@@ -121,6 +121,10 @@ class Reports:
             self.cache[run.rev] = report[self.model]["groups"]
         return self.cache[run.rev]
 
+    def has_report(self, run: Run) -> bool:
+        """Whether the run's revision holds the report at all."""
+        return run.rev in self.cache or self.read_file(run.rev, SUBGROUPS) is not None
+
     def entry(self, run: Run, collection: str, unseen: bool) -> Mapping[str, Any]:
         """The collection's scores in ``run``, checked to be marked as held out (or not) as the run's params say."""
         entry = self.groups(run).get(collection)
@@ -136,10 +140,14 @@ class Reports:
         return entry
 
 
-def _seen_run(runs: Sequence[Run], held_out: Run, collection: str) -> Run | None:
-    """The run with ``held_out``'s other params that trains on ``collection``, holding out the fewest collections."""
+def _seen_run(runs: Sequence[Run], held_out: Run, collection: str, reports: Reports) -> Run | None:
+    """The run with ``held_out``'s other params that trains on ``collection``, holding out the fewest collections.
+
+    Among equals, one whose commit holds the report wins: a baseline commit with the sweep's params
+    that was never reproduced has none, while its queued ``loo-all`` twin has.
+    """
     candidates = [other for other in runs if other.others == held_out.others and collection not in other.unseen]
-    return min(candidates, key=lambda other: len(other.unseen), default=None)
+    return min(candidates, key=lambda other: (len(other.unseen), not reports.has_report(other)), default=None)
 
 
 def _row(reports: Reports, collection: str, unseen_run: Run, seen_run: Run) -> dict[str, Any]:
@@ -171,7 +179,7 @@ def leave_one_out(shown: Sequence[Mapping[str, Any]], read_file: FileReader, mod
             for collection in held_out.unseen:
                 if collections is not None and collection not in collections:
                     continue
-                seen = _seen_run(runs, held_out, collection)
+                seen = _seen_run(runs, held_out, collection, reports)
                 if seen is None:
                     missing[collection] = f"no finished run with the params of {held_out.label} trains on it"
                 elif collection not in reports.groups(held_out):

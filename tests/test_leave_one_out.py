@@ -120,6 +120,16 @@ def test_without_an_all_seen_run_the_seen_score_comes_from_the_run_holding_out_t
     assert rows[1]["drop"]["accuracy"] == pytest.approx(0.07)
 
 
+def test_a_baseline_with_the_sweeps_params_but_no_report_yields_to_its_queued_twin(loo):
+    """A user who set the sweep's params in params.yaml and queued ``loo-all`` without reproducing the commit."""
+    shown = copy.deepcopy(SHOWN)
+    twin = next(e for e in shown[1]["experiments"] if e["name"] == "loo-all")["revs"][0]
+    shown[1]["data"]["params"] = copy.deepcopy(twin["data"]["params"])
+
+    rows = loo.leave_one_out(shown, Files(FILES))
+    assert [(r["collection"], r["seen_run"]) for r in rows] == [(A, "loo-all"), (B, "loo-all")]
+
+
 def test_a_held_out_collection_without_test_images_is_left_out(loo, caplog):
     files = FILES | {rev("rimed-gore"): subgroups({B: group(ci(0.82, 0.72, 0.90), images=25)}),
                      rev("zinky-view"): subgroups({B: group(ci(0.75, 0.64, 0.84), unseen=True, images=25)}),

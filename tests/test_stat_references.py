@@ -3,7 +3,8 @@
 References: the analytic binomial standard error for bootstrap intervals, ``scipy.stats.binomtest`` for
 McNemar, the step-down definition for Holm, ``sklearn.calibration.calibration_curve`` and hand counts
 for calibration, a grid search of the NLL for temperature scaling, ``sklearn.metrics`` for per-class
-and macro scores, and hand-computed tables for the ensemble and the subgroups.
+and macro scores, and hand-computed tables for the ensemble and the subgroups; ``sklearn.metrics.roc_curve`` for the
+sensitivity at a specificity.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from scipy.special import log_softmax, softmax
 from scipy.stats import binom, binomtest
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, recall_score
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, recall_score, roc_curve
 
 from cxr import stats
 from cxr.evaluation.ensemble import ensemble_frame, ensemble_weights
@@ -399,3 +400,25 @@ def test_subgroup_accuracy_interval_has_the_binomial_width_of_its_group():
         entry = report["groups"][name]["accuracy"]
         assert_normal_interval(entry["value"], entry["ci_low"], entry["ci_high"],
                                binomial_se(labels[members], predicted[members]))
+
+
+
+@pytest.mark.parametrize("seed, decimals, specificity", [(0, 3, 0.85), (1, 1, 0.85), (2, 2, 0.5), (3, 3, 0.99), (4, 1, 0.0)])
+def test_sensitivity_at_specificity_is_the_best_roc_point_of_sklearn_on_that_side(seed, decimals, specificity):
+    rng = np.random.default_rng(seed)
+    positive = rng.random(120) < 0.35
+    score = np.round(rng.normal(positive * 0.8, 1.0), decimals)  # few decimals: many ties across the classes
+    fpr, tpr, _ = roc_curve(positive, score, drop_intermediate=False)
+    expected = tpr[1 - fpr >= specificity].max()
+    assert stats.sensitivity_at_specificity(positive, score, specificity) == pytest.approx(expected)
+
+
+def test_sensitivity_at_specificity_on_a_hand_counted_case():
+    positive = np.array([True, True, True, True, False, False, False, False])
+    score = np.array([0.9, 0.8, 0.4, 0.2, 0.7, 0.3, 0.3, 0.1])
+    # t = 0.8: specificity 4/4, sensitivity 2/4; t = 0.4: 3/4 and 3/4; t = 0.3: 1/4 and 3/4; t = 0.2: 1/4 and 4/4
+    assert stats.sensitivity_at_specificity(positive, score, 1.0) == 0.5
+    assert stats.sensitivity_at_specificity(positive, score, 0.75) == 0.75
+    assert stats.sensitivity_at_specificity(positive, score, 0.25) == 1.0
+    with pytest.raises(ValueError, match="positives and negatives"):
+        stats.sensitivity_at_specificity(positive[:4], score[:4], 0.5)

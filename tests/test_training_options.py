@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
 from torch import nn
 
 from cxr.lung_box import center_box
@@ -76,6 +76,8 @@ def test_split_scores_match_sklearn_and_hand_counts(min_images, monkeypatch):
     assert focus["normal_sensitivity"]["value"] == pytest.approx(0.5)     # b1 right, b2 called COVID19
     score = _pair_score(scored, _images([255, 128, 0]))  # b0 PNEUMONIA; b1, b2 NORMAL
     assert focus["pneumonia_vs_normal_auc"]["value"] == pytest.approx(roc_auc_score(labels[6:] == 2, score))
+    fpr, tpr, _ = roc_curve(labels[6:] == 2, score, drop_intermediate=False)
+    assert focus["best_pneumonia_sensitivity_at_target"]["value"] == pytest.approx(tpr[1 - fpr >= 0.85].max())
     assert [(film["path"], film["label"], film["predicted"]) for film in row["focus_misclassified"]] == [
         ("test/b2.jpg", "NORMAL", "COVID19")]
     # every box hidden with 128: all called NORMAL (class 1)
@@ -100,8 +102,8 @@ def test_the_table_prints_each_option_and_split_with_intervals():
     entry = {"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}
     row = {"accuracy": 0.9, "macro_f1": 0.8, "worst_group": "b", "worst_group_accuracy": 0.6, "lungs_hidden_accuracy": 0.4,
            "focus": {"accuracy": entry, "pneumonia_sensitivity": None, "normal_sensitivity": entry,
-                     "pneumonia_vs_normal_auc": entry}}
+                     "pneumonia_vs_normal_auc": entry}}  # no best operating point: one class missing
     lines = _script().markdown({"keep-none": {"val": row}}, "b").splitlines()
     assert lines[-1] == ("| keep-none | val | 0.9000 | 0.8000 | 0.6000 (b) | 0.500 [0.250, 0.750] | - | "
-                         "0.500 [0.250, 0.750] | 0.500 [0.250, 0.750] | 0.4000 |")
+                         "0.500 [0.250, 0.750] | 0.500 [0.250, 0.750] | - | 0.4000 |")
 

@@ -388,3 +388,22 @@ def roc_auc_per_class(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[s
     defined = [auc for auc in per_class.values() if not np.isnan(auc)]
     per_class["macro"] = float(np.mean(defined)) if defined else float("nan")
     return per_class
+
+
+def sensitivity_at_specificity(positive: np.ndarray, score: np.ndarray, specificity: float) -> float:
+    """The highest sensitivity any threshold on ``score`` reaches while keeping at least ``specificity``.
+
+    The best point of the ROC curve on that side of the specificity line: it says whether a target
+    operating point (say 0.70 sensitivity at 0.85 specificity) is reachable by moving the threshold
+    alone. If even the best threshold misses it, the model's ranking is the limit, not where its
+    threshold sits. A threshold t calls a film positive when its score is at least t, so tied scores
+    move together, as on ``sklearn.metrics.roc_curve``.
+    """
+    positive, score = np.asarray(positive, dtype=bool), np.asarray(score, dtype=float)
+    if positive.all() or not positive.any():
+        raise ValueError("sensitivity at a specificity needs positives and negatives")
+    thresholds = np.append(np.unique(score), np.inf)
+    negatives, positives = np.sort(score[~positive]), np.sort(score[positive])
+    specificities = np.searchsorted(negatives, thresholds, side="left") / len(negatives)  # share of negatives below t
+    sensitivities = 1 - np.searchsorted(positives, thresholds, side="left") / len(positives)  # share at or above t
+    return float(sensitivities[specificities >= specificity].max())
