@@ -78,8 +78,11 @@ def best_operating_point(frame: pd.DataFrame, params: Params) -> dict[str, Any]:
 
     The threshold is chosen on the very films it is scored on, so this is a ceiling, not a result:
     where even it misses the goal, no decision rule can reach it with this model's ranking.
-    Empty unless ``frame`` holds both PNEUMONIA and NORMAL films.
+    Empty unless ``frame`` holds both PNEUMONIA and NORMAL films (a collection in ``split.unseen_groups``
+    has none on validation).
     """
+    if frame.empty:
+        return {}
     truth, score = pneumonia_vs_normal(frame, list(params.data.classes))
     if truth.all() or not truth.any():
         return {}

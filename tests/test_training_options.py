@@ -84,6 +84,21 @@ def test_split_scores_match_sklearn_and_hand_counts(min_images, monkeypatch):
     assert row["lungs_hidden_accuracy"] == pytest.approx(np.mean(labels == 1))
 
 
+def test_a_focus_collection_absent_from_the_split_leaves_its_columns_empty(monkeypatch):
+    """With the focus collection in ``split.unseen_groups`` validation holds none of its films."""
+    module, scored = _script(), BoxBrightness()
+    labels = np.array([0, 1, 2])
+    paths = pd.Series([f"val/a{i}.jpg" for i in range(3)])
+    groups = pd.Series(["a"] * 3, index=paths.to_numpy())
+    params = tiny_params(groups={"csv": "unused.csv", "min_images": 2})
+    monkeypatch.setattr(module, "class_probabilities", _probabilities_of(scored))
+
+    row = module.split_scores(scored, _images([0, 128, 255]), labels, paths, params, groups, fill=128, focus="b",
+                              device=torch.device("cpu"))
+
+    assert (row["focus"], row["focus_misclassified"], row["accuracy"]) == ({}, [], pytest.approx(1.0))
+
+
 def _probabilities_of(model: nn.Module):
     """class_probabilities for the stand-in: pixels scaled to [-1, 1] as the models' input normalisation does."""
 
