@@ -20,9 +20,11 @@ from pathlib import Path
 import pandas as pd
 
 from cxr.console import run
+from cxr.data.groups import load_groups
 from cxr.errors import PipelineError
 from cxr.evaluation.predictions import PROB_PREFIX
 from cxr.files import read_json
+from cxr.params import GroupsParams
 
 
 def misses_by_model(score_files: list[Path], split: str) -> dict[str, list[dict]]:
@@ -55,9 +57,8 @@ def shared_misses(models: dict[str, list[dict]]) -> pd.DataFrame:
     return shared.sort_values(["max", "label"]).rename_axis("path").reset_index()
 
 
-def markdown(shared: pd.DataFrame, models: list[str], manifest: pd.DataFrame | None) -> str:
-    """One row per film, with the manifest's original file beside it when a manifest is given."""
-    source = {} if manifest is None else dict(zip(manifest["file"].str.removeprefix("Data/"), manifest["source_path"]))
+def markdown(shared: pd.DataFrame, models: list[str], source: pd.Series) -> str:
+    """One row per film, with its original file (``source``: path -> source_path, may be empty) beside it."""
     lines = [f"{len(shared)} films misclassified by all {len(models)} models; each model's probability of the label:",
              "", "| film | label | original file | " + " | ".join(models) + " |",
              "|---|---|---|" + "---:|" * len(models)]
@@ -73,13 +74,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--manifest", type=Path, help="CSV with file and source_path columns (cxr3/manifest.csv)")
     args = parser.parse_args(argv)
-    for path in [*args.scores, *([args.manifest] if args.manifest else [])]:
+    for path in args.scores:
         if not path.is_file():
             raise PipelineError(f"{path}: no such file")
     models = misses_by_model(args.scores, args.split)
     shared = shared_misses(models)
-    manifest = pd.read_csv(args.manifest, usecols=["file", "source_path"]) if args.manifest else None
-    print(markdown(shared, list(models), manifest))
+    source = (load_groups(GroupsParams(csv=str(args.manifest), group_column="source_path")) if args.manifest
+              else pd.Series(dtype=str))
+    print(markdown(shared, list(models), source))
     return shared
 
 

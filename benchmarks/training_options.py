@@ -42,7 +42,7 @@ from cxr.evaluation.shortcut_occlusion import class_probabilities, neutral_grey,
 from cxr.evaluation.tta import ViewAveraged
 from cxr.params import Balance, Border, Params, load_params
 from cxr.reporting.comparison import interval
-from cxr.reporting.subgroups import pneumonia_vs_normal, subgroup_report
+from cxr.reporting.subgroups import PAIR, pneumonia_vs_normal, subgroup_report
 from cxr.training.loop import train_approach
 from cxr.training.runtime import configure_host, select_device
 
@@ -81,11 +81,9 @@ def best_operating_point(frame: pd.DataFrame, params: Params) -> dict[str, Any]:
     Empty unless ``frame`` holds both PNEUMONIA and NORMAL films (a collection in ``split.unseen_groups``
     has none on validation).
     """
-    if frame.empty:
+    if not set(PAIR) <= set(frame["label"]):
         return {}
     truth, score = pneumonia_vs_normal(frame, list(params.data.classes))
-    if truth.all() or not truth.any():
-        return {}
 
     def best(y_true: np.ndarray, scores: np.ndarray) -> float:
         return stats.sensitivity_at_specificity(y_true == 1, scores[:, 0], TARGET_SPECIFICITY)
