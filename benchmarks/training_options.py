@@ -11,20 +11,28 @@ and its misclassified films, and the accuracy with the centred lung box
 hidden. Options are chosen on the validation rows; the test rows are what the chosen one then
 scores.
 
-A model already at ``<out>/<border>-<balance>/custom.pt`` is scored, not retrained, and a killed
-training resumes from its ``custom.resume.pt``.
+One run per option cannot choose: the seed alone moves the validation worst group as far as an
+option does. ``--seeds`` trains each option once per seed (``train.seed`` overridden, the split
+unchanged), and a second table gives each option's mean and range over its seeds and applies the
+rule: the best mean validation worst-group accuracy among options whose mean validation macro-F1
+reaches ``F1_FLOOR``.
+
+A model already at ``<out>/<border>-<balance>[-<epochs>]-seed<N>/custom.pt`` is scored, not
+retrained, and a killed training resumes from its ``custom.resume.pt``.
 
 ``python benchmarks/training_options.py --project PATH [--border keep hide crop]
-[--balance none group] [--epochs N] [--focus GROUP]`` adds each option's scores to
-``<out>/scores.json`` (options scored by earlier invocations stay) and prints the whole table as markdown.
+[--balance none group] [--epochs N] [--seeds N ...] [--focus GROUP]`` adds each run's scores to
+``<out>/scores.json`` (runs scored by earlier or concurrent invocations stay, so seeds may train in
+parallel processes into one ``--out``) and prints both tables as markdown.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
-import json
 import logging
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, get_args
 
@@ -40,6 +48,7 @@ from cxr.evaluation.inference import load_trained_model
 from cxr.evaluation.predictions import predictions_frame
 from cxr.evaluation.shortcut_occlusion import class_probabilities, neutral_grey, occluded
 from cxr.evaluation.tta import ViewAveraged
+from cxr.files import read_json, write_json
 from cxr.params import Balance, Border, Params, load_params
 from cxr.reporting.comparison import interval
 from cxr.reporting.subgroups import PAIR, pneumonia_vs_normal, subgroup_report
@@ -49,11 +58,27 @@ from cxr.training.runtime import configure_host, select_device
 log = logging.getLogger("training_options")
 NIH = "muhammedtalo/COVID-19"
 TARGET_SPECIFICITY = 0.85  # issue 29's goal: NIH PNEUMONIA sensitivity >= 0.70 at NIH NORMAL specificity >= 0.85
+SPLITS = ("val", "test")  # chosen on the first, reported on the second
+F1_FLOOR = 0.94  # issue 29's rule: the worst group decides among options at validation macro-F1 >= 0.94
 
 
-def trained_model(project: Path, params: Params, option: dict[str, Any], out: Path) -> Path:
+def option_label(option: dict[str, Any]) -> str:
+    """An option's name: its recipe values, e.g. ``keep-none-36``."""
+    return "-".join(str(value) for value in option.values())
+
+
+def run_name(option: dict[str, Any], seed: int) -> str:
+    """A run's folder and row name: the option's, then its seed."""
+    return f"{option_label(option)}-seed{seed}"
+
+
+def with_seed(params: Params, seed: int) -> Params:
+    """``params`` with ``train.seed`` set to ``seed``: weights, augmentation and draw order change, the split does not."""
+    return params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
+
+
+def trained_model(project: Path, params: Params, option: dict[str, Any], folder: Path) -> Path:
     """The custom CNN trained with ``option`` (recipe keys); trained (or resumed) only when its checkpoint is missing."""
-    folder = out / "-".join(str(value) for value in option.values())
     model_path = folder / "custom.pt"
     if model_path.is_file():
         log.info("%s: scoring the existing %s", folder.name, model_path)
@@ -130,7 +155,7 @@ def option_scores(model_path: Path, project: Path, params: Params, focus: str) -
     fill = neutral_grey(load_split(processed, "train", classes)[0])
     groups = load_groups(params.grouping)
     result = {}
-    for split in ("val", "test"):
+    for split in SPLITS:
         images, labels, rows = load_split(processed, split, classes)
         result[split] = split_scores(scored, images, labels, rows["path"], params, groups, fill, focus, device)
     return result
@@ -147,15 +172,81 @@ def markdown(scores: dict[str, dict[str, dict[str, Any]]], focus: str) -> str:
              f"focus NORMAL sens | focus P-vs-N AUC | focus best PNEUMONIA sens at {TARGET_SPECIFICITY} spec | "
              "lungs hidden acc |",
              "|---|---|---:|---:|---|---|---|---|---|---|---:|"]
-    for option, splits in scores.items():
-        for split, row in splits.items():
-            f = row["focus"]
-            lines.append(f"| {option} | {split} | {row['accuracy']:.4f} | {row['macro_f1']:.4f} | "
+    for name, splits in scores.items():
+        for split in SPLITS:
+            row, f = splits[split], splits[split]["focus"]
+            lines.append(f"| {name} | {split} | {row['accuracy']:.4f} | {row['macro_f1']:.4f} | "
                          f"{row['worst_group_accuracy']:.4f} ({row['worst_group']}) | {_ci(f.get('accuracy'))} | "
                          f"{_ci(f.get('pneumonia_sensitivity'))} | {_ci(f.get('normal_sensitivity'))} | "
                          f"{_ci(f.get('pneumonia_vs_normal_auc'))} | {_ci(f.get('best_pneumonia_sensitivity_at_target'))} | "
                          f"{row['lungs_hidden_accuracy']:.4f} |")
     return "\n".join(lines)
+
+
+def update_scores(path: Path, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Add one run's scores to ``path`` and return them all, under a lock and re-read first.
+
+    Seeds trained by parallel invocations into one ``--out`` finish in any order; each keeps
+    what the others wrote instead of writing back the file as it was when it started.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        scores = read_json(path) if path.is_file() else {}
+        scores[name] = entry
+        write_json(path, scores)
+    return scores
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def across_seeds(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per option, over its seeds: validation macro-F1 and worst-group accuracy, test focus AUC and sensitivity."""
+    runs: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+    for name, splits in scores.items():
+        if "option" not in splits:
+            raise PipelineError(f"scores.json: {name} was scored before runs recorded their seed; rescore it")
+        runs[splits["option"]].append(splits)
+    summary = {}
+    for option, entries in runs.items():
+        test_focus = [entry["test"]["focus"] for entry in entries if entry["test"]["focus"]]
+        summary[option] = {
+            "seeds": sorted(entry["seed"] for entry in entries),
+            "val_macro_f1": _spread([entry["val"]["macro_f1"] for entry in entries]),
+            "val_worst_group_accuracy": _spread([entry["val"]["worst_group_accuracy"] for entry in entries]),
+            "test_focus_auc": _spread([f["pneumonia_vs_normal_auc"]["value"] for f in test_focus]) if test_focus else None,
+            "test_focus_pneumonia_sensitivity": (_spread([f["pneumonia_sensitivity"]["value"] for f in test_focus])
+                                                 if test_focus else None)}
+    return summary
+
+
+def chosen_option(summary: dict[str, dict[str, Any]]) -> str | None:
+    """The option with the best mean validation worst group among those at mean validation macro-F1 >= ``F1_FLOOR``."""
+    eligible = [option for option, row in summary.items() if row["val_macro_f1"]["mean"] >= F1_FLOOR]
+    return max(eligible, key=lambda option: summary[option]["val_worst_group_accuracy"]["mean"], default=None)
+
+
+def _range(entry: dict[str, float] | None) -> str:
+    return "-" if entry is None else f"{entry['mean']:.3f} [{entry['min']:.3f}, {entry['max']:.3f}]"
+
+
+def seeds_markdown(summary: dict[str, dict[str, Any]], focus: str) -> str:
+    """One row per option (mean [min, max] over its seeds), then the rule's choice."""
+    lines = ["| option | seeds | val macro-F1 | val worst group acc | test focus P-vs-N AUC | test focus PNEUMONIA sens |",
+             "|---|---|---|---|---|---|"]
+    for option, row in summary.items():
+        lines.append(f"| {option} | {', '.join(map(str, row['seeds']))} | {_range(row['val_macro_f1'])} | "
+                     f"{_range(row['val_worst_group_accuracy'])} | {_range(row['test_focus_auc'])} | "
+                     f"{_range(row['test_focus_pneumonia_sensitivity'])} |")
+    chosen = chosen_option(summary)
+    best = max(summary, key=lambda option: summary[option]["val_worst_group_accuracy"]["mean"])
+    verdict = (f"Chosen: {chosen}." if chosen else
+               f"No option reaches the floor, so the rule chooses none; the best mean validation worst group: {best}.")
+    return "\n".join([f"Mean [min, max] over each option's seeds; focus collection: {focus}.", "", *lines, "",
+                      f"Rule: the best mean validation worst-group accuracy among options at mean validation "
+                      f"macro-F1 >= {F1_FLOOR}. {verdict}"])
 
 
 def _options(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -169,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--border", nargs="+", default=list(get_args(Border)), choices=get_args(Border))
     parser.add_argument("--balance", nargs="+", default=["none", "group"], choices=get_args(Balance))
     parser.add_argument("--epochs", type=int, help="override train_custom.epochs for every option (exploration)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="train each option once per train.seed (default: params')")
     parser.add_argument("--focus", default=NIH, help="the collection whose scores get their own columns")
     parser.add_argument("--threads", type=int, help="override train.threads")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/training_options"))
@@ -180,14 +272,15 @@ def main(argv: list[str] | None = None) -> dict:
         params = params.model_copy(update={"train": params.train.model_copy(update={"threads": args.threads})})
     configure_host(params.train)
     scores_path = args.out / "scores.json"
-    scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
-    for option in _options(args):
-        name = "-".join(str(value) for value in option.values())
-        scores[name] = option_scores(trained_model(args.project, params, option, args.out), args.project, params,
-                                     args.focus)
-        args.out.mkdir(parents=True, exist_ok=True)
-        scores_path.write_text(json.dumps(scores, indent=2) + "\n")
+    scores = read_json(scores_path) if scores_path.is_file() else {}
+    for option, seed in itertools.product(_options(args), args.seeds or [params.train.seed]):
+        name = run_name(option, seed)
+        model = trained_model(args.project, with_seed(params, seed), option, args.out / name)
+        entry = option_scores(model, args.project, params, args.focus)
+        scores = update_scores(scores_path, name, {"option": option_label(option), "seed": seed} | entry)
     print(markdown(scores, args.focus))
+    print()
+    print(seeds_markdown(across_seeds(scores), args.focus))
     return scores
 
 

@@ -17,6 +17,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
 from torch import nn
 
+from cxr.errors import PipelineError
 from cxr.lung_box import center_box
 
 from test_train import tiny_params
@@ -118,7 +119,87 @@ def test_the_table_prints_each_option_and_split_with_intervals():
     row = {"accuracy": 0.9, "macro_f1": 0.8, "worst_group": "b", "worst_group_accuracy": 0.6, "lungs_hidden_accuracy": 0.4,
            "focus": {"accuracy": entry, "pneumonia_sensitivity": None, "normal_sensitivity": entry,
                      "pneumonia_vs_normal_auc": entry}}  # no best operating point: one class missing
-    lines = _script().markdown({"keep-none": {"val": row}}, "b").splitlines()
-    assert lines[-1] == ("| keep-none | val | 0.9000 | 0.8000 | 0.6000 (b) | 0.500 [0.250, 0.750] | - | "
+    lines = _script().markdown({"keep-none": {"val": row, "test": row}}, "b").splitlines()
+    assert lines[-1].startswith("| keep-none | test | 0.9000 |")
+    assert lines[-2] == ("| keep-none | val | 0.9000 | 0.8000 | 0.6000 (b) | 0.500 [0.250, 0.750] | - | "
                          "0.500 [0.250, 0.750] | 0.500 [0.250, 0.750] | - | 0.4000 |")
 
+
+
+def _run(option: str, seed: int, val_f1: float, val_worst: float, test_auc: float | None, test_sens: float = 0.5):
+    focus = {} if test_auc is None else {"pneumonia_vs_normal_auc": {"value": test_auc},
+                                         "pneumonia_sensitivity": {"value": test_sens}}
+    return {"option": option, "seed": seed, "val": {"macro_f1": val_f1, "worst_group_accuracy": val_worst},
+            "test": {"focus": focus}}
+
+
+def test_the_seed_summary_is_each_options_mean_and_range_and_the_rule_picks_on_it():
+    module = _script()
+    runs = {"a-seed1": _run("a", 1, 0.95, 0.70, 0.86, 0.4), "a-seed2": _run("a", 2, 0.93, 0.76, 0.88, 0.5),
+            "b-seed1": _run("b", 1, 0.96, 0.74, 0.84), "b-seed3": _run("b", 3, 0.95, 0.71, 0.85),
+            "c-seed1": _run("c", 1, 0.99, 0.90, None)}
+    summary = module.across_seeds(runs)
+
+    a = summary["a"]
+    assert a["seeds"] == [1, 2]
+    assert a["val_macro_f1"] == pytest.approx({"mean": np.mean([0.95, 0.93]), "min": 0.93, "max": 0.95})
+    assert a["val_worst_group_accuracy"] == pytest.approx({"mean": 0.73, "min": 0.70, "max": 0.76})
+    assert a["test_focus_auc"]["mean"] == pytest.approx(0.87)
+    assert a["test_focus_pneumonia_sensitivity"] == pytest.approx({"mean": 0.45, "min": 0.4, "max": 0.5})
+    assert summary["c"]["test_focus_auc"] is None
+    # mean F1: a 0.94 (meets the floor), b 0.955, c 0.99; mean worst group: a 0.73, b 0.725, c 0.90
+    assert module.chosen_option(summary) == "c"
+    assert module.chosen_option({k: summary[k] for k in ("a", "b")}) == "a"
+    below = {"a": summary["a"] | {"val_macro_f1": {"mean": 0.9399, "min": 0.93, "max": 0.95}}, "b": summary["b"]}
+    assert module.chosen_option(below) == "b"
+    assert module.chosen_option({"a": below["a"]}) is None
+
+
+def test_the_seed_table_names_the_choice_or_says_none_reaches_the_floor():
+    module = _script()
+    summary = module.across_seeds({"a-seed1": _run("a", 1, 0.93, 0.70, 0.86), "a-seed2": _run("a", 2, 0.91, 0.76, 0.88),
+                                   "b-seed1": _run("b", 1, 0.92, 0.60, None)})
+    lines = module.seeds_markdown(summary, "f").splitlines()
+    assert lines[4] == "| a | 1, 2 | 0.920 [0.910, 0.930] | 0.730 [0.700, 0.760] | 0.870 [0.860, 0.880] | 0.500 [0.500, 0.500] |"
+    assert lines[5] == "| b | 1 | 0.920 [0.920, 0.920] | 0.600 [0.600, 0.600] | - | - |"
+    assert lines[-1].endswith("No option reaches the floor, so the rule chooses none; "
+                              "the best mean validation worst group: a.")
+    summary["b"]["val_macro_f1"]["mean"] = 0.94
+    assert module.seeds_markdown(summary, "f").splitlines()[-1].endswith("Chosen: b.")
+
+
+def test_each_seed_trains_its_own_run_and_every_run_lands_in_one_scores_file(tmp_path, monkeypatch):
+    """Invocations into one --out (as parallel seeds run) keep each other's runs, even one written mid-run."""
+    module, trained = _script(), []
+    monkeypatch.setattr(module, "load_params", lambda _: tiny_params(groups={"csv": "unused.csv"}))
+
+    def train(approach, params, processed, model_path, live, **kwargs):
+        trained.append((params.train.seed, params.train_custom.balance, params.train_custom.epochs, model_path))
+        model_path.parent.mkdir(parents=True)
+        model_path.write_bytes(b"")
+        if params.train.seed == 42:  # another invocation finishes its run while this one trains
+            module.update_scores(out / "scores.json", "keep-crop-3-seed9", _run("keep-crop-3", 9, 0.9, 0.6, None))
+
+    monkeypatch.setattr(module, "train_approach", train)
+    monkeypatch.setattr(module, "option_scores", lambda model, *args: {
+        split: {"macro_f1": 0.9, "worst_group_accuracy": 0.6, "focus": {}} for split in module.SPLITS})
+    monkeypatch.setattr(module, "markdown", lambda *args: "")
+    out = tmp_path / "out"
+    common = ["--project", str(tmp_path), "--border", "keep", "--epochs", "3", "--out", str(out)]
+
+    module.main([*common, "--balance", "none", "group", "--seeds", "7", "8"])
+    module.main([*common, "--balance", "none"])  # the params' seed, 42; existing runs are scored, not retrained
+
+    assert [(seed, balance, epochs) for seed, balance, epochs, _ in trained] == [
+        (7, "none", 3), (8, "none", 3), (7, "group", 3), (8, "group", 3), (42, "none", 3)]
+    assert [path.parent.name for *_, path in trained][-1] == "keep-none-3-seed42"
+    scores = module.read_json(out / "scores.json")
+    assert sorted(scores) == ["keep-crop-3-seed9", "keep-group-3-seed7", "keep-group-3-seed8", "keep-none-3-seed42",
+                              "keep-none-3-seed7", "keep-none-3-seed8"]
+    assert (scores["keep-none-3-seed8"]["option"], scores["keep-none-3-seed8"]["seed"]) == ("keep-none-3", 8)
+    assert module.across_seeds(scores)["keep-none-3"]["seeds"] == [7, 8, 42]
+
+
+def test_a_run_scored_before_seeds_were_recorded_is_named_not_a_traceback():
+    with pytest.raises(PipelineError, match="keep-none-36 was scored before runs recorded their seed"):
+        _script().across_seeds({"keep-none-36": {"val": {}, "test": {}}})
