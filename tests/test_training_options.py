@@ -126,16 +126,17 @@ def test_the_table_prints_each_option_and_split_with_intervals():
 
 
 
-def _run(option: str, seed: int, val_f1: float, val_worst: float, test_auc: float | None, test_sens: float = 0.5):
+def _run(option: str, seed: int, val_f1: float, val_worst: float, test_auc: float | None, test_sens: float = 0.5,
+         test_f1: float = 0.95):
     focus = {} if test_auc is None else {"pneumonia_vs_normal_auc": {"value": test_auc},
                                          "pneumonia_sensitivity": {"value": test_sens}}
     return {"option": option, "seed": seed, "val": {"macro_f1": val_f1, "worst_group_accuracy": val_worst},
-            "test": {"focus": focus}}
+            "test": {"macro_f1": test_f1, "focus": focus}}
 
 
 def test_the_seed_summary_is_each_options_mean_and_range_and_the_rule_picks_on_it():
     module = _script()
-    runs = {"a-seed1": _run("a", 1, 0.95, 0.70, 0.86, 0.4), "a-seed2": _run("a", 2, 0.93, 0.76, 0.88, 0.5),
+    runs = {"a-seed1": _run("a", 1, 0.95, 0.70, 0.86, 0.4), "a-seed2": _run("a", 2, 0.93, 0.76, 0.88, 0.5, 0.96),
             "b-seed1": _run("b", 1, 0.96, 0.74, 0.84), "b-seed3": _run("b", 3, 0.95, 0.71, 0.85),
             "c-seed1": _run("c", 1, 0.99, 0.90, None)}
     summary = module.across_seeds(runs)
@@ -145,6 +146,7 @@ def test_the_seed_summary_is_each_options_mean_and_range_and_the_rule_picks_on_i
     assert a["val_macro_f1"] == pytest.approx({"mean": np.mean([0.95, 0.93]), "min": 0.93, "max": 0.95})
     assert a["val_worst_group_accuracy"] == pytest.approx({"mean": 0.73, "min": 0.70, "max": 0.76})
     assert a["test_focus_auc"]["mean"] == pytest.approx(0.87)
+    assert a["test_macro_f1"] == pytest.approx({"mean": 0.955, "min": 0.95, "max": 0.96})
     assert a["test_focus_pneumonia_sensitivity"] == pytest.approx({"mean": 0.45, "min": 0.4, "max": 0.5})
     assert summary["c"]["test_focus_auc"] is None
     # mean F1: a 0.94 (meets the floor), b 0.955, c 0.99; mean worst group: a 0.73, b 0.725, c 0.90
@@ -160,8 +162,9 @@ def test_the_seed_table_names_the_choice_or_says_none_reaches_the_floor():
     summary = module.across_seeds({"a-seed1": _run("a", 1, 0.93, 0.70, 0.86), "a-seed2": _run("a", 2, 0.91, 0.76, 0.88),
                                    "b-seed1": _run("b", 1, 0.92, 0.60, None)})
     lines = module.seeds_markdown(summary, "f").splitlines()
-    assert lines[4] == "| a | 1, 2 | 0.920 [0.910, 0.930] | 0.730 [0.700, 0.760] | 0.870 [0.860, 0.880] | 0.500 [0.500, 0.500] |"
-    assert lines[5] == "| b | 1 | 0.920 [0.920, 0.920] | 0.600 [0.600, 0.600] | - | - |"
+    assert lines[4] == ("| a | 1, 2 | 0.920 [0.910, 0.930] | 0.730 [0.700, 0.760] | 0.950 [0.950, 0.950] | "
+                        "0.870 [0.860, 0.880] | 0.500 [0.500, 0.500] |")
+    assert lines[5] == "| b | 1 | 0.920 [0.920, 0.920] | 0.600 [0.600, 0.600] | 0.950 [0.950, 0.950] | - | - |"
     assert lines[-1].endswith("No option reaches the floor, so the rule chooses none; "
                               "the best mean validation worst group: a.")
     summary["b"]["val_macro_f1"]["mean"] = 0.94
