@@ -230,7 +230,8 @@ def chosen_option(summary: dict[str, dict[str, Any]]) -> str | None:
 
 
 def _range(entry: dict[str, float] | None) -> str:
-    return "-" if entry is None else f"{entry['mean']:.3f} [{entry['min']:.3f}, {entry['max']:.3f}]"
+    """Four decimals, so a mean just under ``F1_FLOOR`` does not print as on it."""
+    return "-" if entry is None else f"{entry['mean']:.4f} [{entry['min']:.4f}, {entry['max']:.4f}]"
 
 
 def seeds_markdown(summary: dict[str, dict[str, Any]], focus: str) -> str:

@@ -162,9 +162,9 @@ def test_the_seed_table_names_the_choice_or_says_none_reaches_the_floor():
     summary = module.across_seeds({"a-seed1": _run("a", 1, 0.93, 0.70, 0.86), "a-seed2": _run("a", 2, 0.91, 0.76, 0.88),
                                    "b-seed1": _run("b", 1, 0.92, 0.60, None)})
     lines = module.seeds_markdown(summary, "f").splitlines()
-    assert lines[4] == ("| a | 1, 2 | 0.920 [0.910, 0.930] | 0.730 [0.700, 0.760] | 0.950 [0.950, 0.950] | "
-                        "0.870 [0.860, 0.880] | 0.500 [0.500, 0.500] |")
-    assert lines[5] == "| b | 1 | 0.920 [0.920, 0.920] | 0.600 [0.600, 0.600] | 0.950 [0.950, 0.950] | - | - |"
+    assert lines[4] == ("| a | 1, 2 | 0.9200 [0.9100, 0.9300] | 0.7300 [0.7000, 0.7600] | 0.9500 [0.9500, 0.9500] | "
+                        "0.8700 [0.8600, 0.8800] | 0.5000 [0.5000, 0.5000] |")
+    assert lines[5] == "| b | 1 | 0.9200 [0.9200, 0.9200] | 0.6000 [0.6000, 0.6000] | 0.9500 [0.9500, 0.9500] | - | - |"
     assert lines[-1].endswith("No option reaches the floor, so the rule chooses none; "
                               "the best mean validation worst group: a.")
     summary["b"]["val_macro_f1"]["mean"] = 0.94
