@@ -72,9 +72,9 @@ def run_name(option: dict[str, Any], seed: int) -> str:
     return f"{option_label(option)}-seed{seed}"
 
 
-def with_seed(params: Params, seed: int) -> Params:
-    """``params`` with ``train.seed`` set to ``seed``: weights, augmentation and draw order change, the split does not."""
-    return params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
+def with_train(params: Params, **changes: Any) -> Params:
+    """``params`` with ``train`` keys changed: ``seed`` changes weights, augmentation and draw order, not the split."""
+    return params.model_copy(update={"train": params.train.model_copy(update=changes)})
 
 
 def trained_model(project: Path, params: Params, option: dict[str, Any], folder: Path) -> Path:
@@ -202,6 +202,11 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
 
+def _focus_spread(focus_rows: list[dict[str, Any]], key: str) -> dict[str, float] | None:
+    """The spread of one focus score over the runs that scored the focus collection (None if none did)."""
+    return _spread([focus[key]["value"] for focus in focus_rows]) if focus_rows else None
+
+
 def across_seeds(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per option, over its seeds: validation macro-F1 and worst-group accuracy; test macro-F1, focus AUC and sensitivity."""
     runs: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -217,9 +222,8 @@ def across_seeds(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
             "val_macro_f1": _spread([entry["val"]["macro_f1"] for entry in entries]),
             "val_worst_group_accuracy": _spread([entry["val"]["worst_group_accuracy"] for entry in entries]),
             "test_macro_f1": _spread([entry["test"]["macro_f1"] for entry in entries]),
-            "test_focus_auc": _spread([f["pneumonia_vs_normal_auc"]["value"] for f in test_focus]) if test_focus else None,
-            "test_focus_pneumonia_sensitivity": (_spread([f["pneumonia_sensitivity"]["value"] for f in test_focus])
-                                                 if test_focus else None)}
+            "test_focus_auc": _focus_spread(test_focus, "pneumonia_vs_normal_auc"),
+            "test_focus_pneumonia_sensitivity": _focus_spread(test_focus, "pneumonia_sensitivity")}
     return summary
 
 
@@ -273,13 +277,12 @@ def main(argv: list[str] | None = None) -> dict:
     if params.grouping is None:
         raise PipelineError(f"{args.project / 'params.yaml'}: groups.csv is not set; the worst group needs it")
     if args.threads is not None:
-        params = params.model_copy(update={"train": params.train.model_copy(update={"threads": args.threads})})
+        params = with_train(params, threads=args.threads)
     configure_host(params.train)
     scores_path = args.out / "scores.json"
-    scores = read_json(scores_path) if scores_path.is_file() else {}
     for option, seed in itertools.product(_options(args), args.seeds or [params.train.seed]):
         name = run_name(option, seed)
-        model = trained_model(args.project, with_seed(params, seed), option, args.out / name)
+        model = trained_model(args.project, with_train(params, seed=seed), option, args.out / name)
         entry = option_scores(model, args.project, params, args.focus)
         scores = update_scores(scores_path, name, {"option": option_label(option), "seed": seed} | entry)
     print(markdown(scores, args.focus))
