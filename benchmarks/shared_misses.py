@@ -7,7 +7,7 @@ names each film's original file (``source_path`` in the manifest) for a reader t
 the image itself. Nothing here decides which of the two it is.
 
 ``python benchmarks/shared_misses.py --scores A/scores.json B/scores.json [--split test]
-[--manifest cxr3/manifest.csv]`` reads the ``focus_misclassified`` lists that
+[--manifest cxr3/manifest.csv]`` reads the ``focus_films`` lists that
 ``benchmarks/training_options.py`` wrote and prints the films every (option, file) pair missed,
 least confident first, with each model's probability of the labelled class.
 """
@@ -27,16 +27,22 @@ from cxr.files import read_json
 from cxr.params import GroupsParams
 
 
+def focus_films(path: Path, option: str, splits: dict, split: str) -> list[dict]:
+    """One scored option's focus films on ``split``; score files written before every film was kept name the fix."""
+    if split not in splits or "focus_films" not in splits[split]:
+        raise PipelineError(f"{path}: option {option} has no scored focus films for {split!r}; "
+                            "rescore it with benchmarks/training_options.py")
+    return splits[split]["focus_films"]
+
+
 def misses_by_model(score_files: list[Path], split: str) -> dict[str, list[dict]]:
     """Each model's misclassified focus films on ``split`` (records of path, label, probabilities), keyed
     ``<folder>/<option>`` so that two files scoring the same option stay apart."""
     models = {}
     for path in score_files:
         for option, splits in read_json(path).items():
-            if split not in splits or "focus_misclassified" not in splits[split]:
-                raise PipelineError(f"{path}: option {option} has no misclassified focus films for {split!r}; "
-                                    "rescore it with benchmarks/training_options.py")
-            models[f"{path.parent.name}/{option}"] = splits[split]["focus_misclassified"]
+            films = focus_films(path, option, splits, split)
+            models[f"{path.parent.name}/{option}"] = [film for film in films if film["predicted"] != film["label"]]
     return models
 
 

@@ -122,9 +122,10 @@ def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.
                  groups: pd.Series, fill: int, focus: str, device: Any) -> dict[str, Any]:
     """One split's scores: overall, worst group (groups of at least ``groups.min_images`` images), focus, lungs hidden.
 
-    The focus collection's misclassified films are listed with their probabilities, so a low sensitivity can be
-    read film by film (are they hard films, or label noise?), and its best operating point says whether a
-    threshold could reach the goal at all (:func:`best_operating_point`).
+    Every focus film is kept with its probabilities (``focus_films``), so a low sensitivity can be read film by
+    film (hard films, or label noise?) and rankings can be rescored without the model (how many labels would have
+    to be wrong, an ensemble of seeds); its best operating point says whether a threshold could reach the goal at
+    all (:func:`best_operating_point`).
     """
     classes, batch = list(params.data.classes), params.evaluate.batch_size
     probabilities = class_probabilities(scored, images, batch, device, desc="intact")
@@ -136,13 +137,12 @@ def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.
                                  batch, device, desc="lungs hidden")
     predicted = probabilities.argmax(1)
     in_focus = (group_of(paths, groups) == focus).to_numpy()
-    wrong = in_focus & (predicted != labels)
     return {"accuracy": stats.accuracy(labels, predicted),
             "macro_f1": stats.macro_f1(len(classes))(labels, predicted),
             "worst_group": worst, "worst_group_accuracy": report["groups"][worst]["accuracy"]["value"],
             "lungs_hidden_accuracy": stats.accuracy(labels, hidden.argmax(1)),
             "focus": _focus_scores(report["groups"].get(focus)) | best_operating_point(frame[in_focus], params),
-            "focus_misclassified": frame[wrong].round(4).to_dict("records")}
+            "focus_films": frame[in_focus].round(4).to_dict("records")}
 
 
 def option_scores(model_path: Path, project: Path, params: Params, focus: str) -> dict[str, dict[str, Any]]:

@@ -28,8 +28,8 @@ def _film(path: str, label: str, normal: float, pneumonia: float) -> dict:
 def _scores(folder: Path, option: str, test: list[dict], val: list[dict] | None = None) -> Path:
     folder.mkdir(parents=True)
     path = folder / "scores.json"
-    path.write_text(json.dumps({option: {"val": {"focus_misclassified": val or []},
-                                         "test": {"focus_misclassified": test}}}))
+    path.write_text(json.dumps({option: {"val": {"focus_films": val or []},
+                                         "test": {"focus_films": test}}}))
     return path
 
 
@@ -60,7 +60,7 @@ def test_only_films_every_model_missed_are_listed_most_confident_first(tmp_path,
 
 def test_a_film_one_model_got_right_is_not_shared(tmp_path):
     a = _scores(tmp_path / "a", "x", [_film("test/PNEUMONIA/p1.jpg", "PNEUMONIA", 0.9, 0.08)])
-    b = _scores(tmp_path / "b", "x", [])
+    b = _scores(tmp_path / "b", "x", [_film("test/PNEUMONIA/p1.jpg", "PNEUMONIA", 0.3, 0.68)])
     assert _script().main(["--scores", str(a), str(b)]).empty
     val = _script().main(["--scores", str(a), str(b), "--split", "val"])
     assert val.empty
@@ -73,5 +73,5 @@ def test_scores_without_the_lists_name_the_file_and_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _script().run(lambda: _script().main(["--scores", str(path)]))
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {path}: option keep-none-36 has no misclassified focus films")
+    assert err.startswith(f"error: {path}: option keep-none-36 has no scored focus films")
     assert "\n" not in err
