@@ -121,6 +121,8 @@ def test_the_script_counts_each_model_and_their_mean(tmp_path, capsys):
         assert (rows[name]["pneumonia"], rows[name]["normal"]) == (4, 4)
         assert rows[name]["auc"] == pytest.approx(auc)
         assert rows[name]["for_both"] == fewest
+    a_test = rows["a/keep-none-36", "test"]  # a calls p2, p3 PNEUMONIA and every NORMAL film NORMAL
+    assert (a_test["own_sensitivity"], a_test["own_specificity"], a_test["for_own_rule"]) == (0.5, 1.0, 2)
     out = capsys.readouterr().out
     ensemble = rows["ensemble (mean probabilities)", "test"]["for_both"]
     assert f"The {ensemble} test PNEUMONIA films ensemble (mean probabilities) ranks lowest" in out
@@ -139,3 +141,21 @@ def test_scores_without_every_focus_film_name_the_file_and_the_fix(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}: option keep-none-36 has no scored focus films for 'val'")
     assert "\n" not in err
+
+
+def _predicted(labels: list[str], predicted: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"path": [f"f{i}.jpg" for i in range(len(labels))], "label": labels, "predicted": predicted})
+
+
+def test_at_the_models_own_rule_a_relabelled_miss_counts_for_specificity():
+    module = _script()
+    # PNEUMONIA called P, P, N, N, C: sensitivity 2/5; NORMAL called N, N, N, P: specificity 3/4.
+    # k=1: 2/4 and 4/5; k=2: 2/3 and 5/6; k=3: 2/2 and 6/7 >= 0.85
+    frame = _predicted(["PNEUMONIA"] * 5 + ["NORMAL"] * 4 + ["COVID19"],
+                       ["PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "COVID19", "NORMAL", "NORMAL", "NORMAL",
+                        "PNEUMONIA", "PNEUMONIA"])
+    assert module.fewest_for_own_rule(frame) == 3
+    assert module.fewest_for_own_rule(frame.iloc[[0, 1, 5, 6, 7]]) == 0
+    # NORMAL specificity 1/3 cannot reach 0.85 with the one miss relabelled (2/4)
+    assert module.fewest_for_own_rule(_predicted(["PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "NORMAL"],
+                                                 ["PNEUMONIA", "NORMAL", "PNEUMONIA", "PNEUMONIA", "NORMAL"])) is None
