@@ -124,7 +124,8 @@ def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.
 
     Every focus film is kept with its probabilities (``focus_films``), so a low sensitivity can be read film by
     film (hard films, or label noise?) and rankings can be rescored without the model (how many labels would have
-    to be wrong, an ensemble of seeds); its best operating point says whether a threshold could reach the goal at
+    to be wrong, an ensemble of seeds), and every film with its group (``films``) for a decision rule tried on all
+    collections at once; its best operating point says whether a threshold could reach the goal at
     all (:func:`best_operating_point`).
     """
     classes, batch = list(params.data.classes), params.evaluate.batch_size
@@ -136,13 +137,15 @@ def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.
     hidden = class_probabilities(scored, occluded(images, "center_hidden", params.shortcuts.center_fraction, fill),
                                  batch, device, desc="lungs hidden")
     predicted = probabilities.argmax(1)
-    in_focus = (group_of(paths, groups) == focus).to_numpy()
+    group = group_of(paths, groups).to_numpy()
+    in_focus = group == focus
     return {"accuracy": stats.accuracy(labels, predicted),
             "macro_f1": stats.macro_f1(len(classes))(labels, predicted),
             "worst_group": worst, "worst_group_accuracy": report["groups"][worst]["accuracy"]["value"],
             "lungs_hidden_accuracy": stats.accuracy(labels, hidden.argmax(1)),
             "focus": _focus_scores(report["groups"].get(focus)) | best_operating_point(frame[in_focus], params),
-            "focus_films": frame[in_focus].round(4).to_dict("records")}
+            "focus_films": frame[in_focus].round(4).to_dict("records"),
+            "films": frame.assign(group=group).round(4).to_dict("records")}
 
 
 def option_scores(model_path: Path, project: Path, params: Params, focus: str) -> dict[str, dict[str, Any]]:

@@ -84,6 +84,8 @@ def test_split_scores_match_sklearn_and_hand_counts(min_images, monkeypatch):
         ("test/b2.jpg", "NORMAL", "COVID19")]
     assert [film["prob_PNEUMONIA"] for film in row["focus_films"]] == pytest.approx(
         _probabilities_of(scored)(None, _images([255, 128, 0]))[:, 2], abs=1e-4)
+    assert [(film["path"], film["group"], film["predicted"]) for film in row["films"]] == [
+        (path, group, ["COVID19", "NORMAL", "PNEUMONIA"][p]) for path, group, p in zip(paths, groups, predicted)]
     # every box hidden with 128: all called NORMAL (class 1)
     assert row["lungs_hidden_accuracy"] == pytest.approx(np.mean(labels == 1))
 
