@@ -21,7 +21,7 @@ With several score files the models' equal-weight ensemble (the mean of their pr
 pipeline's ensemble) is counted too.
 
 ``python benchmarks/label_errors_needed.py --scores A/scores.json [B/scores.json ...] [--split test]
-[--manifest cxr3/manifest.csv]`` reads the ``focus_films`` that ``benchmarks/training_options.py`` wrote
+[--manifest cxr3/manifest.csv]`` reads the focus collection's ``films`` that ``benchmarks/training_options.py`` wrote
 and prints one row per model and split, then the films to read for the last row of ``--split``.
 """
 
@@ -110,10 +110,11 @@ def focus_frames(score_files: list[Path], split: str) -> dict[str, pd.DataFrame]
     frames = {}
     for path in score_files:
         for option, splits in read_json(path).items():
-            if "focus_films" not in splits.get(split, {}):
+            entry = splits.get(split, {})
+            if "films" not in entry or "focus_group" not in entry:
                 raise PipelineError(f"{path}: option {option} has no scored focus films for {split!r}; "
                                     "rescore it with benchmarks/training_options.py")
-            frame = pd.DataFrame(splits[split]["focus_films"])
+            frame = pd.DataFrame([film for film in entry["films"] if film["group"] == entry["focus_group"]])
             if not frame.empty:
                 frames[f"{path.parent.name}/{option}"] = frame.sort_values("path", ignore_index=True)
     if len(frames) > 1:

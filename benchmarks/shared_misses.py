@@ -7,7 +7,7 @@ names each film's original file (``source_path`` in the manifest) for a reader t
 the image itself. Nothing here decides which of the two it is.
 
 ``python benchmarks/shared_misses.py --scores A/scores.json B/scores.json [--split test]
-[--manifest cxr3/manifest.csv]`` reads the ``focus_films`` lists that
+[--manifest cxr3/manifest.csv]`` reads the focus collection's ``films`` that
 ``benchmarks/training_options.py`` wrote and prints the films every (option, file) pair missed,
 least confident first, with each model's probability of the labelled class.
 """
@@ -28,11 +28,12 @@ from cxr.params import GroupsParams
 
 
 def focus_films(path: Path, option: str, splits: dict, split: str) -> list[dict]:
-    """One scored option's focus films on ``split``; score files written before every film was kept name the fix."""
-    if split not in splits or "focus_films" not in splits[split]:
+    """One scored option's films of its focus collection on ``split``; older score files name the fix."""
+    entry = splits.get(split, {})
+    if "films" not in entry or "focus_group" not in entry:
         raise PipelineError(f"{path}: option {option} has no scored focus films for {split!r}; "
                             "rescore it with benchmarks/training_options.py")
-    return splits[split]["focus_films"]
+    return [film for film in entry["films"] if film["group"] == entry["focus_group"]]
 
 
 def misses_by_model(score_files: list[Path], split: str) -> dict[str, list[dict]]:

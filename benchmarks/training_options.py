@@ -122,11 +122,11 @@ def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.
                  groups: pd.Series, fill: int, focus: str, device: Any) -> dict[str, Any]:
     """One split's scores: overall, worst group (groups of at least ``groups.min_images`` images), focus, lungs hidden.
 
-    Every focus film is kept with its probabilities (``focus_films``), so a low sensitivity can be read film by
-    film (hard films, or label noise?) and rankings can be rescored without the model (how many labels would have
-    to be wrong, an ensemble of seeds), and every film with its group (``films``) for a decision rule tried on all
-    collections at once; its best operating point says whether a threshold could reach the goal at
-    all (:func:`best_operating_point`).
+    Every film is kept with its group and probabilities (``films``, the focus named in ``focus_group``), so a low
+    sensitivity can be read film by film (hard films, or label noise?) and rankings and decision rules can be
+    rescored without the model (how many labels would have to be wrong, an ensemble of seeds, one rule for all
+    collections); its best operating point says whether a threshold could reach the goal at all
+    (:func:`best_operating_point`).
     """
     classes, batch = list(params.data.classes), params.evaluate.batch_size
     probabilities = class_probabilities(scored, images, batch, device, desc="intact")
@@ -144,8 +144,7 @@ def split_scores(scored: Any, images: np.ndarray, labels: np.ndarray, paths: pd.
             "worst_group": worst, "worst_group_accuracy": report["groups"][worst]["accuracy"]["value"],
             "lungs_hidden_accuracy": stats.accuracy(labels, hidden.argmax(1)),
             "focus": _focus_scores(report["groups"].get(focus)) | best_operating_point(frame[in_focus], params),
-            "focus_films": frame[in_focus].round(4).to_dict("records"),
-            "films": frame.assign(group=group).round(4).to_dict("records")}
+            "focus_group": focus, "films": frame.assign(group=group).round(4).to_dict("records")}
 
 
 def option_scores(model_path: Path, project: Path, params: Params, focus: str) -> dict[str, dict[str, Any]]:

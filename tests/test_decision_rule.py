@@ -99,7 +99,7 @@ def test_scores_without_every_film_name_the_file_and_the_fix(tmp_path, capsys):
     module = _script()
     path = tmp_path / "old" / "scores.json"
     path.parent.mkdir()
-    path.write_text(json.dumps({"keep-none-36": {"val": {"focus_films": []}, "test": {"focus_films": []}}}))
+    path.write_text(json.dumps({"keep-none-36": {"val": {"focus_group": NIH}, "test": {"focus_group": NIH}}}))
     with pytest.raises(SystemExit):
         module.run(lambda: module.main(["--scores", str(path)]))
     err = capsys.readouterr().err.strip()

@@ -28,8 +28,10 @@ def _film(path: str, label: str, normal: float, pneumonia: float) -> dict:
 def _scores(folder: Path, option: str, test: list[dict], val: list[dict] | None = None) -> Path:
     folder.mkdir(parents=True)
     path = folder / "scores.json"
-    path.write_text(json.dumps({option: {"val": {"focus_films": val or []},
-                                         "test": {"focus_films": test}}}))
+    other = {**_film("test/PNEUMONIA/kid.jpg", "PNEUMONIA", 0.99, 0.0), "group": "kids"}  # missed, not in focus
+    path.write_text(json.dumps({option: {split: {"focus_group": "nih", "films": [{**film, "group": "nih"} for film in films]
+                                                 + [other]}
+                                         for split, films in [("val", val or []), ("test", test)]}}))
     return path
 
 
